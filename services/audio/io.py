@@ -1,0 +1,161 @@
+"""Audio decoding and PCM helpers.
+
+Everything the model sees is float32 mono at :data:`SAMPLE_RATE`. Decoding goes
+through PyAV (FFmpeg) for every container and codec so that resampling and
+down-mixing are done by one well-tested implementation (libswresample) rather
+than a mix of libraries with subtly different behaviour.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+
+from services.errors import AudioDecodeError
+
+SAMPLE_RATE = 16000
+"""Hz; the rate the MiDashengLM audio encoder expects."""
+
+PCM16_SCALE = 32768.0
+"""Divisor mapping int16 samples onto [-1, 1)."""
+
+PCM16_BYTES_PER_SAMPLE = 2
+
+AudioSource = str | os.PathLike[str] | bytes | bytearray | memoryview
+
+# Errors PyAV/FFmpeg raise for unreadable input. av.FFmpegError covers codec and
+# demuxer failures; OSError/ValueError/EOFError cover I/O and a few PyAV checks
+# (for example a frame that no longer matches the resampler's setup).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+def _describe(source: AudioSource) -> str:
+    """Name the input in error messages: the path, or the size of in-memory bytes."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<audio bytes, {len(source)} bytes>"
+    return str(Path(source))
+
+
+def decode_audio(path_or_bytes: AudioSource, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode any audio file (path or file contents) to float32 mono in [-1, 1] at ``sample_rate``.
+
+    Raises :class:`AudioDecodeError` when the input is missing, empty, not audio,
+    has no audio stream or decodes to zero samples.
+    """
+    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}.")
+    name = _describe(path_or_bytes)
+
+    source: str | io.BytesIO
+    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+        if len(path_or_bytes) == 0:
+            raise AudioDecodeError(f"Cannot decode audio {name}: the data is empty.")
+        source = io.BytesIO(bytes(path_or_bytes))
+    else:
+        path = Path(path_or_bytes)
+        if not path.exists():
+            raise AudioDecodeError(f"Cannot decode audio file {name}: the file does not exist.")
+        if not path.is_file():
+            raise AudioDecodeError(f"Cannot decode audio file {name}: it is not a regular file.")
+        if path.stat().st_size == 0:
+            raise AudioDecodeError(f"Cannot decode audio file {name}: the file is empty.")
+        source = str(path)
+        name = f"file {name}"
+
+    try:
+        samples = _decode_with_av(source, sample_rate, name)
+    except AudioDecodeError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise AudioDecodeError(f"Cannot decode audio {name}: it is unreadable or not audio ({exc}).") from exc
+
+    if samples.size == 0:
+        raise AudioDecodeError(f"Cannot decode audio {name}: it contains no audio samples.")
+    # Down-mixing correlated channels can overshoot full scale; the model contract is [-1, 1].
+    np.clip(samples, -1.0, 1.0, out=samples)
+    return samples
+
+
+def _new_resampler(sample_rate: int) -> av.AudioResampler:
+    """Resampler to float32 mono; rematrix_maxval=1 keeps the down-mix within full scale."""
+    # libswresample's default float down-mix sums stereo at 1/sqrt(2) per channel,
+    # which lifts correlated channels by 3 dB and clips full-scale material.
+    return av.AudioResampler(
+        format="flt", layout="mono", rate=sample_rate, options={"rematrix_maxval": "1.0"}
+    )
+
+
+def _decode_with_av(source: str | io.BytesIO, sample_rate: int, name: str) -> np.ndarray:
+    """Demux the first audio stream and resample it to float32 mono ``sample_rate``."""
+    chunks: list[np.ndarray] = []
+
+    def collect(frames: list[av.AudioFrame]) -> None:
+        chunks.extend(out.to_ndarray().reshape(-1) for out in frames)
+
+    # metadata_errors="ignore": a badly encoded tag must not make the audio unreadable.
+    with av.open(source, mode="r", metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise AudioDecodeError(f"Cannot decode audio {name}: it has no audio stream.")
+        stream = container.streams.audio[0]
+        resampler = _new_resampler(sample_rate)
+        input_key: tuple[str, str, int] | None = None
+        for frame in container.decode(stream):
+            key = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if input_key is not None and key != input_key:
+                # PyAV's resampler is fixed to its first frame's layout/rate; some streams
+                # (e.g. AAC, concatenated mp3) change mid-way, so drain it and start anew.
+                collect(resampler.resample(None))
+                resampler = _new_resampler(sample_rate)
+            input_key = key
+            collect(resampler.resample(frame))
+        # The resampler buffers a filter's worth of samples; without flushing the tail is lost.
+        collect(resampler.resample(None))
+    if not chunks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def pcm16_bytes_to_float(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Convert little-endian signed 16-bit PCM bytes to float32 samples in [-1, 1)."""
+    if len(data) % PCM16_BYTES_PER_SAMPLE:
+        raise AudioDecodeError(f"PCM16 data must have an even number of bytes, got {len(data)} bytes.")
+    ints = np.frombuffer(bytes(data), dtype="<i2")
+    return (ints.astype(np.float32) / PCM16_SCALE).astype(np.float32, copy=False)
+
+
+def float_to_pcm16_bytes(samples: np.ndarray) -> bytes:
+    """Convert float samples in [-1, 1] to little-endian signed 16-bit PCM bytes (clipping)."""
+    arr = np.asarray(samples, dtype=np.float64).reshape(-1)
+    # Same scale as pcm16_bytes_to_float so int16 -> float -> int16 is lossless.
+    ints = np.clip(np.rint(arr * PCM16_SCALE), -PCM16_SCALE, PCM16_SCALE - 1)
+    return ints.astype("<i2").tobytes()
+
+
+def write_wav(path: str | os.PathLike[str], samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono float samples in [-1, 1] as a 16-bit PCM WAV file."""
+    arr = np.asarray(samples, dtype=np.float32)
+    if arr.ndim != 1:
+        raise ValueError(f"write_wav expects mono 1-D samples, got shape {arr.shape}.")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}.")
+    sf.write(str(path), np.clip(arr, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+
+
+def load_wav_pcm16(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """Read a PCM WAV file (e.g. one made by :func:`write_wav`) as float32 mono and its rate.
+
+    No resampling is done; use :func:`decode_audio` for model input.
+    """
+    name = str(Path(path))
+    if not Path(path).is_file():
+        raise AudioDecodeError(f"Cannot read WAV file {name}: the file does not exist.")
+    try:
+        data, rate = sf.read(name, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise AudioDecodeError(f"Cannot read WAV file {name}: {exc}.") from exc
+    return data.mean(axis=1, dtype=np.float32), int(rate)
