@@ -222,10 +222,15 @@ def save_model(
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str] | None):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
+    """The checkpoint's fast tokenizer (``tokenizer.json``; the real model's Qwen2 files included)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = resolve_model_dir(model_dir)
-    if not any((path / n).exists() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+    if (path / "tokenizer.json").exists():
+        # Loaded directly: AutoTokenizer would consult config.json, whose model_type
+        # ("midashenglm") transformers does not know.
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    if not any((path / n).exists() for n in ("vocab.json", "tokenizer_config.json")):
         raise CheckpointError(f"No tokenizer files (tokenizer.json, tokenizer_config.json) in {path}.")
     return AutoTokenizer.from_pretrained(str(path))
 

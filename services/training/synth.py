@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -480,7 +481,7 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         types = list(resolve_types(types))
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     csv_path = generate_dataset(
         args.out, args.n, args.seed, types, args.user_prompt, args.system_prompt, progress=not args.quiet
