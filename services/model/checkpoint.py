@@ -125,6 +125,8 @@ def load_model(
     """Load a checkpoint directory; the frontend and ``init_bn`` stay fp32."""
     path = resolve_model_dir(model_dir)
     dtype = parse_dtype(dtype)
+    if not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"No {CONFIG_NAME} in {path}: not a checkpoint directory.")
     config = MiDashengLMConfig.from_file(path / CONFIG_NAME)
     model = build_model(config, "meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}

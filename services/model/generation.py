@@ -85,12 +85,12 @@ def generate(
     last_pos = positions[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
-    for _ in range(options.max_new_tokens):
+    for step in range(options.max_new_tokens):
         nxt = sample_next(out.logits[:, -1, :], options, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         done = done | torch.isin(nxt, stop)
-        if bool(done.all()):
+        if bool(done.all()) or step == options.max_new_tokens - 1:
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         last_pos = last_pos + 1

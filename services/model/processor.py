@@ -112,7 +112,7 @@ class MiDashengProcessor:
                 f"The text holds {sum(spans)} audio spans ({AUDIO_SPAN}) but {len(audios)} audios were given."
             )
         for t in texts:
-            if not t.count(AUDIO_BOS) == t.count(AUDIO_EOS) == t.count(AUDIO_TOKEN):
+            if not t.count(AUDIO_BOS) == t.count(AUDIO_EOS) == t.count(AUDIO_TOKEN) == t.count(AUDIO_SPAN):
                 raise InvalidArgument(f"Unbalanced audio span in prompt: every {AUDIO_TOKEN} needs {AUDIO_BOS}…{AUDIO_EOS}.")
         if answers is not None and len(answers) != len(texts):
             raise InvalidArgument(f"{len(answers)} answers for {len(texts)} prompts.")

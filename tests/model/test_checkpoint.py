@@ -300,12 +300,6 @@ def test_missing_config_json_message_names_the_file(tmp_path: Path, tiny_ckpt: P
         load_model(d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_model() lets MiDashengLMConfig.from_file's ConfigError escape for a checkpoint "
-    "directory without config.json (services/model/checkpoint.py load_model, config.py from_file); "
-    "errors.py defines CheckpointError for 'a checkpoint directory is missing files'.",
-)
 def test_missing_config_json_is_a_checkpoint_error(tmp_path: Path, tiny_ckpt: Path) -> None:
     d = copy_ckpt(tiny_ckpt, tmp_path / "c")
     (d / "config.json").unlink()

@@ -135,12 +135,6 @@ def test_unbalanced_span_is_rejected(processor: MiDashengProcessor, text: str) -
         processor([text], [make_wave(1.0, 1)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: services/model/processor.py __call__ only compares the counts of <|audio_bos|>, <|AUDIO|> "
-    "and <|audio_eos|>; a placeholder outside its bos…eos span is accepted although the error message says "
-    "every <|AUDIO|> needs <|audio_bos|>…<|audio_eos|>.",
-)
 def test_placeholder_outside_its_span_is_rejected(processor: MiDashengProcessor) -> None:
     text = "<|im_start|>user\n<|audio_bos|><|audio_eos|><|AUDIO|>Caption the audio.<|im_end|>\n"
     with pytest.raises(InvalidArgument):

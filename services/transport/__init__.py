@@ -1,0 +1,1 @@
+"""Redis Streams transport shared by the services (queues, leases, dead letters)."""
