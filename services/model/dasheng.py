@@ -114,7 +114,11 @@ class DashengEncoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, D)
 
     def forward(self, mel: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, n_mels, T) log-mel and valid frames (B,) -> ((B, P, D) features, (B, P) valid mask).
+        """(B, n_mels, T) log-mel and valid frames (B,) -> ((B, P, D) features, (B, P) valid mask)."""
+        return self.encode_patches(mel, valid_patches(frames, self.cfg))
+
+    def encode_patches(self, mel: torch.Tensor, patch_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`forward` with the number of valid patches per item given directly.
 
         Windows of every item are stacked into one batch; each attends only within itself.
         """
@@ -125,7 +129,7 @@ class DashengEncoder(nn.Module):
         x = F.pad(x, (0, 0, 0, n_win * w - p)).reshape(b * n_win, w, d)
         pos = self.time_pos_embed[0, :, 0, :].T + self.freq_pos_embed[0, :, 0, 0]  # (w, D)
         x = x + pos.unsqueeze(0)
-        valid = torch.arange(n_win * w, device=x.device)[None, :] < valid_patches(frames, self.cfg)[:, None]
+        valid = torch.arange(n_win * w, device=x.device)[None, :] < patch_lengths.to(x.device)[:, None]
         key_mask = valid.reshape(b * n_win, w)
         # A window with no real audio attends to everything: finite garbage that is masked later,
         # instead of a softmax over nothing (NaN).

@@ -82,7 +82,8 @@ class LogMelFrontend(nn.Module):
 
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
         """(N,) waveform -> (n_mels, T) dB with the per-item 120 dB floor."""
-        db = 10.0 * torch.log10(torch.clamp(self.power_mel(wav.float()), min=AMIN))
+        with torch.autocast(wav.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            db = 10.0 * torch.log10(torch.clamp(self.power_mel(wav.float()), min=AMIN))
         return torch.maximum(db, db.amax() - TOP_DB)
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
