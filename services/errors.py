@@ -45,3 +45,11 @@ class DatasetError(InvalidArgument):
     def __init__(self, message: str, problems: list[tuple[int, str]] | None = None) -> None:
         super().__init__(message)
         self.problems = list(problems or [])
+
+
+class FailedPrecondition(MidashengError):
+    """The request is valid but not in this state (e.g. audio before the session config)."""
+
+
+class DeadlineExceeded(MidashengError, TimeoutError):
+    """A wait ran out (e.g. a client that never sends its first message)."""

@@ -250,7 +250,7 @@ def test_batch_and_payload_messages() -> None:
         hidden_size=4,
         dtype=encoder.DTYPE_FLOAT32,
         data=bytes(32),
-        is_final=False,
+        num_final=1,
         stream_time_end_seconds=0.4,
     )
     assert encoder.AudioTokens.FromString(tokens.SerializeToString()) == tokens

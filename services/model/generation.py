@@ -48,7 +48,6 @@ def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def generate(
     model: MiDashengLM,
     inputs: ModelInputs,
@@ -59,9 +58,29 @@ def generate(
     """Returns each row's new token ids, without the stop token."""
     options.validate()
     inputs = inputs.to(model.device)
-    audio_embeds, _ = model.encode_audio(inputs.audio, inputs.audio_lengths)
-    embeds = model.embed_inputs(inputs.input_ids, audio_embeds, inputs.audio_token_counts)
-    attention = inputs.attention_mask
+    with torch.inference_mode():
+        audio_embeds, _ = model.encode_audio(inputs.audio, inputs.audio_lengths)
+    return generate_from_audio_embeds(
+        model, inputs.input_ids, inputs.attention_mask, audio_embeds, inputs.audio_token_counts, stop_ids, options, pad_id
+    )
+
+
+@torch.inference_mode()
+def generate_from_audio_embeds(
+    model: MiDashengLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    audio_embeds: torch.Tensor,
+    audio_token_counts: torch.Tensor,
+    stop_ids: Sequence[int],
+    options: GenerationOptions = GenerationOptions(),
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Decode from precomputed audio tokens (A, T5, H): the live path, where the encoder runs elsewhere."""
+    options.validate()
+    dev = model.device
+    input_ids, attention = input_ids.to(dev), attention_mask.to(dev)
+    embeds = model.embed_inputs(input_ids, audio_embeds.to(dev), audio_token_counts.to(dev))
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     batch = embeds.shape[0]
     device = embeds.device

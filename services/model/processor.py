@@ -106,18 +106,39 @@ class MiDashengProcessor:
         With ``answers`` (training), each answer + ``<|im_end|>`` is appended and ``labels``
         hold only those tokens; everything else is ``-100``.
         """
+        wavs = [prepare_audio(a) for a in audios]
+        counts = [self.token_count(w.numel()) for w in wavs]
+        input_ids, attention, labels = self.encode_text(texts, counts, answers)
+        n_max = max((w.numel() for w in wavs), default=MIN_SAMPLES)
+        audio = torch.zeros((len(wavs), n_max), dtype=torch.float32)
+        for i, w in enumerate(wavs):
+            audio[i, : w.numel()] = w
+        return ModelInputs(
+            input_ids=input_ids,
+            attention_mask=attention,
+            audio=audio,
+            audio_lengths=torch.tensor([w.numel() for w in wavs], dtype=torch.long),
+            audio_token_counts=torch.tensor(counts, dtype=torch.long),
+            labels=labels,
+        )
+
+    def encode_text(
+        self, texts: Sequence[str], audio_token_counts: Sequence[int], answers: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Left-padded (input_ids, attention_mask, labels) with each audio span expanded to its count.
+
+        The i-th ``<|AUDIO|>`` in reading order gets ``audio_token_counts[i]`` copies.
+        """
         spans = [t.count(AUDIO_TOKEN) for t in texts]
-        if sum(spans) != len(audios):
+        if sum(spans) != len(audio_token_counts):
             raise InvalidArgument(
-                f"The text holds {sum(spans)} audio spans ({AUDIO_SPAN}) but {len(audios)} audios were given."
+                f"The text holds {sum(spans)} audio spans ({AUDIO_SPAN}) but {len(audio_token_counts)} audios were given."
             )
         for t in texts:
             if not t.count(AUDIO_BOS) == t.count(AUDIO_EOS) == t.count(AUDIO_TOKEN) == t.count(AUDIO_SPAN):
                 raise InvalidArgument(f"Unbalanced audio span in prompt: every {AUDIO_TOKEN} needs {AUDIO_BOS}…{AUDIO_EOS}.")
         if answers is not None and len(answers) != len(texts):
             raise InvalidArgument(f"{len(answers)} answers for {len(texts)} prompts.")
-        wavs = [prepare_audio(a) for a in audios]
-        counts = [self.token_count(w.numel()) for w in wavs]
 
         rows: list[list[int]] = []
         label_rows: list[list[int]] = []
@@ -126,7 +147,7 @@ class MiDashengProcessor:
             pieces = text.split(AUDIO_TOKEN)
             expanded = pieces[0]
             for piece in pieces[1:]:
-                expanded += AUDIO_TOKEN * counts[k] + piece
+                expanded += AUDIO_TOKEN * int(audio_token_counts[k]) + piece
                 k += 1
             ids = self._encode(expanded)
             labels = [IGNORE_INDEX] * len(ids)
@@ -144,19 +165,7 @@ class MiDashengProcessor:
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention[i, width - len(ids) :] = 1
             label_t[i, width - len(ids) :] = torch.tensor(labels)
-
-        n_max = max((w.numel() for w in wavs), default=MIN_SAMPLES)
-        audio = torch.zeros((len(wavs), n_max), dtype=torch.float32)
-        for i, w in enumerate(wavs):
-            audio[i, : w.numel()] = w
-        return ModelInputs(
-            input_ids=input_ids,
-            attention_mask=attention,
-            audio=audio,
-            audio_lengths=torch.tensor([w.numel() for w in wavs], dtype=torch.long),
-            audio_token_counts=torch.tensor(counts, dtype=torch.long),
-            labels=label_t if answers is not None else None,
-        )
+        return input_ids, attention, (label_t if answers is not None else None)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()

@@ -130,7 +130,7 @@ class EncodeClipResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio_seconds: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
 
 class AudioTokens(_message.Message):
-    __slots__ = ("session_id", "seq", "window_index", "revision", "token_start", "num_tokens", "hidden_size", "dtype", "data", "is_final", "stream_time_end_seconds")
+    __slots__ = ("session_id", "seq", "window_index", "revision", "token_start", "num_tokens", "hidden_size", "dtype", "data", "num_final", "stream_time_end_seconds", "audio_seq", "end_of_stream")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     WINDOW_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -140,8 +140,10 @@ class AudioTokens(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    IS_FINAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_FINAL_FIELD_NUMBER: _ClassVar[int]
     STREAM_TIME_END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SEQ_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     window_index: int
@@ -151,6 +153,8 @@ class AudioTokens(_message.Message):
     hidden_size: int
     dtype: DType
     data: bytes
-    is_final: bool
+    num_final: int
     stream_time_end_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., window_index: _Optional[int] = ..., revision: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., is_final: _Optional[bool] = ..., stream_time_end_seconds: _Optional[float] = ...) -> None: ...
+    audio_seq: int
+    end_of_stream: bool
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., window_index: _Optional[int] = ..., revision: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., num_final: _Optional[int] = ..., stream_time_end_seconds: _Optional[float] = ..., audio_seq: _Optional[int] = ..., end_of_stream: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,190 @@
+"""Streaming encoder sessions: buffer PCM per session, encode on each emit tick, publish tokens.
+
+Each session publishes one ``AudioTokens`` entry per ``emit_interval`` of audio (the caption
+hop): the tokens that became final since the last publication, then the tentative tail of the
+still-open 10.08 s window. Publication ``seq`` numbers start at 1 and never repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from encoder_service.batcher import EncoderBatcher
+from services import metrics
+from services.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.model.modeling import MiDashengLM
+from services.streaming.codec import TokenMessage, encode_tokens
+from services.streaming.encoder import StreamingEncoderSession, TokenUpdate
+
+log = logging.getLogger(__name__)
+SAMPLE_RATE = 16000  # Hz
+DEFAULT_EMIT_SECONDS = 2.0
+MAX_PUSH_SAMPLES = 16000 * 10  # one push holds at most 10 s of audio
+BATCH_TIMEOUT_S = 30.0  # longest wait for the device
+
+Publisher = Callable[[str, bytes], None]  # (session id, serialized AudioTokens)
+
+
+@dataclass
+class PushResult:
+    duplicate: bool
+    final_tokens: int
+    tentative_tokens: int
+    stream_seconds: float
+
+
+@dataclass
+class _State:
+    sid: str
+    stream: StreamingEncoderSession
+    emit_samples: int
+    next_emit: int
+    last_audio_seq: int = 0
+    pub_seq: int = 0
+    final_published: int = 0
+    tentative: int = 0
+    closed: bool = False
+    touched: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class EncoderSessions:
+    def __init__(self, model: MiDashengLM, batcher: EncoderBatcher, publish: Publisher, max_sessions: int = 256) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.publish = publish
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, _State] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, sid: str, emit_seconds: float = 0.0) -> tuple[int, bool]:
+        """Create (or reattach to) a session; returns (last audio seq, reattached)."""
+        if not sid:
+            raise InvalidArgument("session_id is required")
+        emit = emit_seconds or DEFAULT_EMIT_SECONDS
+        if not 0.2 <= emit <= 10.08:
+            raise InvalidArgument(f"emit_interval_seconds must be within [0.2, 10.08], got {emit}")
+        with self._lock:
+            st = self._sessions.get(sid)
+            if st is not None and not st.closed:
+                return st.last_audio_seq, True
+            if len(self._sessions) >= self.max_sessions:
+                raise ResourceExhausted(f"this encoder holds its maximum of {self.max_sessions} sessions")
+            cfg = self.model.config
+            n = int(round(emit * SAMPLE_RATE))
+            self._sessions[sid] = _State(sid, StreamingEncoderSession(cfg.audio_encoder_config, cfg.subsample_factor),
+                                         emit_samples=n, next_emit=n)
+            metrics.ENCODER_SESSIONS.set(len(self._sessions))
+        return 0, False
+
+    def _get(self, sid: str) -> _State:
+        st = self._sessions.get(sid)
+        if st is None:
+            raise NotFound(f"encoder session {sid!r} does not exist")
+        return st
+
+    def push(self, sid: str, audio_seq: int, samples: np.ndarray, end_of_stream: bool = False) -> PushResult:
+        st = self._get(sid)
+        if samples.size > MAX_PUSH_SAMPLES:
+            raise InvalidArgument(f"a push holds {samples.size} samples; the limit is {MAX_PUSH_SAMPLES}")
+        with st.lock:
+            if st.closed:
+                raise InvalidArgument(f"encoder session {sid!r} has ended")
+            st.touched = time.monotonic()
+            if audio_seq and audio_seq <= st.last_audio_seq:
+                return PushResult(True, st.final_published, st.tentative, st.stream.seconds_received)
+            if audio_seq and audio_seq != st.last_audio_seq + 1:
+                raise InvalidArgument(f"audio seq {audio_seq} skips ahead of {st.last_audio_seq + 1}")
+            st.last_audio_seq = audio_seq or st.last_audio_seq + 1
+            if samples.size:
+                st.stream.push(samples)
+            if end_of_stream:
+                self._emit(st, end=True)
+            elif st.stream.samples_received >= st.next_emit:
+                self._emit(st, end=False)
+                while st.next_emit <= st.stream.samples_received:
+                    st.next_emit += st.emit_samples
+            return PushResult(False, st.final_published, st.tentative, st.stream.seconds_received)
+
+    def close(self, sid: str, flush: bool) -> tuple[int, float]:
+        """End a session: with ``flush`` the open window is closed and published as final;
+        without, only the end is published. Idempotent."""
+        st = self._sessions.get(sid)
+        if st is None:
+            raise NotFound(f"encoder session {sid!r} does not exist")
+        with st.lock:
+            if not st.closed:
+                self._emit(st, end=True, flush=flush)
+        with self._lock:
+            self._sessions.pop(sid, None)
+            metrics.ENCODER_SESSIONS.set(len(self._sessions))
+        return st.final_published, st.stream.seconds_received
+
+    def _emit(self, st: _State, end: bool, flush: bool = True) -> None:
+        stream = st.stream
+        if end and flush:
+            stream.finish()
+        jobs = stream.jobs(tentative=not end) if (flush or not end) else []
+        updates: list[TokenUpdate] = []
+        if jobs:
+            feats = self.batcher.run(jobs, timeout=BATCH_TIMEOUT_S)
+            for job, f in zip(jobs, feats, strict=True):
+                updates.extend(stream.complete(job, f, self.model.audio_projector))
+        finals = [u for u in updates if u.is_final]
+        tentative = [u for u in updates if not u.is_final]
+        parts: list[torch.Tensor] = []
+        expected = st.final_published
+        for u in finals:
+            if u.token_start != expected:
+                raise RuntimeError(f"final tokens out of order: got {u.token_start}, expected {expected}")
+            parts.append(u.tokens)
+            expected += int(u.tokens.shape[0])
+        num_final = expected - st.final_published
+        tail = tentative[-1] if tentative else None
+        if tail is not None and tail.token_start == expected:
+            parts.append(tail.tokens)
+        hidden = self.model.config.hidden_size
+        tokens = torch.cat(parts, dim=0) if parts else torch.zeros((0, hidden), dtype=self.model.dtype)
+        if tokens.shape[0] == 0 and not end:
+            return
+        st.pub_seq += 1
+        msg = TokenMessage(
+            seq=st.pub_seq,
+            token_start=st.final_published,
+            tokens=tokens,
+            num_final=num_final,
+            stream_seconds=stream.seconds_received,
+            end_of_stream=end,
+            window_index=stream.closed_windows,
+            revision=tail.revision if tail is not None else 0,
+            audio_seq=st.last_audio_seq,
+        )
+        self.publish(st.sid, encode_tokens(st.sid, msg))
+        metrics.TOKENS_PUBLISHED.labels(kind="final").inc(num_final)
+        metrics.TOKENS_PUBLISHED.labels(kind="tentative").inc(int(tokens.shape[0]) - num_final)
+        st.final_published = expected
+        st.tentative = int(tokens.shape[0]) - num_final
+        if end:
+            st.closed = True
+
+    def expire_idle(self, idle_seconds: float) -> list[str]:
+        """Close (with flush) sessions that received nothing for ``idle_seconds``."""
+        now = time.monotonic()
+        stale = [sid for sid, st in list(self._sessions.items()) if now - st.touched > idle_seconds]
+        for sid in stale:
+            log.warning("encoder session %s idle for %.0f s; closing it", sid, idle_seconds)
+            try:
+                self.close(sid, flush=True)
+            except NotFound:
+                pass
+        return stale

@@ -1,0 +1,127 @@
+"""Per-session caption schedule: which windows to caption after each audio-token publication.
+
+Pure state machine, no Redis or gRPC. Time is counted in 5 Hz audio tokens (200 ms).
+
+Semantics (docs/api.md, "Caption events"):
+- Segments are consecutive spans of ``window`` seconds: segment k covers [k*W, (k+1)*W).
+- Every publication (one per ``hop`` of audio) yields an interim caption of the last ``window``
+  seconds, [max(0, t - W), t], as a new revision of the open segment (when interim results are on).
+- Segment k turns final, captioned over exactly its span, once all its tokens are final; at the
+  end of the stream the last partial segment turns final over what there is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from services.errors import InvalidArgument
+from services.streaming.codec import TokenMessage
+from services.streaming.settings import TOKENS_PER_SECOND, SessionSettings
+
+RETAIN_WINDOWS = 3  # token history kept, in windows
+
+
+@dataclass(frozen=True)
+class PlannedCaption:
+    segment_id: int
+    revision: int
+    start_token: int
+    end_token: int
+    is_final: bool
+
+    @property
+    def window_start_seconds(self) -> float:
+        return self.start_token / TOKENS_PER_SECOND
+
+    @property
+    def window_end_seconds(self) -> float:
+        return self.end_token / TOKENS_PER_SECOND
+
+
+@dataclass
+class CaptionSchedule:
+    """Token buffer + segment counters of one live session."""
+
+    settings: SessionSettings
+    segments_final: int = 0  # segments [0, segments_final) are final
+    open_revision: int = 0  # revisions already shown for the open segment
+    last_seq: int = 0
+    ended: bool = False
+    _base: int = 0  # stream index of _tokens[0]
+    _tokens: torch.Tensor | None = None
+    _n_final: int = 0
+    _n_total: int = 0
+    stream_seconds: float = 0.0
+    lost: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def n_final(self) -> int:
+        return self._n_final
+
+    @property
+    def n_available(self) -> int:
+        return self._n_total
+
+    def ingest(self, msg: TokenMessage) -> None:
+        """Store the tokens of a publication (final ones at their index, tentative tail replaced)."""
+        n, hidden = int(msg.tokens.shape[0]), int(msg.tokens.shape[1])
+        if not 0 <= msg.num_final <= n:
+            raise InvalidArgument(f"num_final {msg.num_final} outside [0, {n}]")
+        if self._tokens is None:
+            self._tokens, self._base = msg.tokens.new_zeros((0, hidden)), msg.token_start
+            self._n_final = msg.token_start
+        elif msg.token_start > self._n_final:
+            # A publication that held final tokens was lost (dead-lettered): remember the gap.
+            self.lost.append((self._n_final, msg.token_start))
+        if msg.token_start < self._base:  # rewinds before the retained history: start over there
+            self._tokens, self._base = self._tokens[:0], msg.token_start
+        keep = self._tokens[: max(0, min(msg.token_start, self._base + self._tokens.shape[0]) - self._base)]
+        gap = msg.token_start - (self._base + keep.shape[0])
+        parts = [keep, msg.tokens.new_zeros((max(0, gap), hidden)), msg.tokens]
+        buf = torch.cat(parts, dim=0)
+        excess = buf.shape[0] - RETAIN_WINDOWS * self.settings.window_tokens
+        if excess > 0:
+            buf, self._base = buf[excess:], self._base + excess
+        self._tokens = buf
+        self._n_final = msg.token_start + msg.num_final
+        self._n_total = msg.token_start + n
+        self.stream_seconds = msg.stream_seconds
+
+    def window(self, start: int, end: int) -> torch.Tensor:
+        """Tokens [start, end) of the stream, (end - start, H)."""
+        assert self._tokens is not None
+        if start < self._base or end > self._base + self._tokens.shape[0]:
+            raise InvalidArgument(f"tokens [{start}, {end}) are not retained")
+        return self._tokens[start - self._base : end - self._base]
+
+    def plan(self, msg: TokenMessage, commit: bool = True) -> list[PlannedCaption]:
+        """Captions due after ``msg`` (already ingested). With ``commit`` the counters advance;
+        without, this is a preview (the worker commits only once the events are durable)."""
+        w = self.settings.window_tokens
+        final, revision, ended = self.segments_final, self.open_revision, self.ended
+        out: list[PlannedCaption] = []
+        while (final + 1) * w <= self._n_final:
+            out.append(PlannedCaption(final, revision, final * w, (final + 1) * w, True))
+            final, revision = final + 1, 0
+        if msg.end_of_stream:
+            if self._n_final > final * w:
+                out.append(PlannedCaption(final, revision, final * w, self._n_final, True))
+                final, revision = final + 1, 0
+            ended = True
+        elif self.settings.interim_results and self._n_total > final * w:
+            end = self._n_total
+            out.append(PlannedCaption(final, revision, max(0, end - w), end, False))
+            revision += 1
+        if commit:
+            self.segments_final, self.open_revision, self.ended, self.last_seq = final, revision, ended, msg.seq
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return {"segments_final": self.segments_final, "open_revision": self.open_revision}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.segments_final = int(state.get("segments_final", 0))
+        self.open_revision = int(state.get("open_revision", 0))
+        self.last_seq = int(state.get("last_seq", 0))

@@ -1,0 +1,300 @@
+"""LM worker: leases live sessions from Redis and turns their audio tokens into caption events.
+
+One ``step()``: adopt sessions whose lease is free -> read the next publication of every owned
+session -> plan due captions -> run the engine once for all of them -> apply each session's
+events atomically with its ``last_seq`` and the ack (``apply_once``).
+
+Takeover: a session whose worker died keeps its token stream and state hash in Redis. The next
+worker to take its lease claims the pending publications, rebuilds the token buffer by replaying
+the retained publications it had already applied (``seq <= last_seq``), and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from lm_service.engine import CaptionEngine, CaptionRequest
+from lm_service.session import CaptionSchedule, PlannedCaption
+from services import metrics
+from services.errors import InvalidArgument, MidashengError
+from services.model.generation import GenerationOptions
+from services.streaming.codec import PAYLOAD_FIELD, TokenMessage, decode_tokens
+from services.streaming.settings import settings_from_hash
+from services.transport import keys
+from services.transport.apply import apply_once
+from services.transport.keys import TransportDefaults
+from services.transport.lease import Heartbeat, Lease
+from services.transport.streams import Entry, StreamClient
+
+log = logging.getLogger(__name__)
+GROUP = "lm"
+
+
+@dataclass
+class OwnedSession:
+    sid: str
+    schedule: CaptionSchedule
+    stream: str
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Work:
+    session: OwnedSession
+    entry: Entry
+    msg: TokenMessage
+    plans: list[PlannedCaption]
+    texts: list[str] = field(default_factory=list)
+
+
+class LMWorker:
+    def __init__(
+        self,
+        client: redis.Redis,
+        engine: CaptionEngine,
+        worker_id: str | None = None,
+        defaults: TransportDefaults | None = None,
+        max_sessions: int = 64,
+    ) -> None:
+        self.redis = client
+        self.streams = StreamClient(client)
+        self.engine = engine
+        self.worker_id = worker_id or f"lm-{uuid.uuid4().hex[:8]}"
+        self.defaults = defaults or TransportDefaults()
+        self.max_sessions = max_sessions
+        self.lease = Lease(client)
+        self.sessions: dict[str, OwnedSession] = {}
+        self._lost: set[str] = set()
+        self._lost_lock = threading.Lock()
+        self.heartbeat = Heartbeat(
+            client, self.worker_id, self.defaults.lease_ttl_ms, self.defaults.heartbeat_ms, on_lost=self._on_lost
+        )
+        self._last_scan = 0.0
+
+    # --- leases ----------------------------------------------------------------------------------
+
+    def _on_lost(self, key: str) -> None:
+        with self._lost_lock:
+            self._lost.add(key)
+
+    def _drop_lost(self) -> None:
+        with self._lost_lock:
+            lost, self._lost = self._lost, set()
+        for sid in [s for s in self.sessions if keys.session_lease(s) in lost]:
+            log.warning("lease of session %s was taken over; dropping it", sid)
+            self.sessions.pop(sid, None)
+            metrics.LM_SESSIONS.set(len(self.sessions))
+
+    def adopt_free_sessions(self) -> list[str]:
+        """Take the lease of every active session that has none (new, or its worker died)."""
+        adopted = []
+        for raw in self.redis.zrange(keys.ACTIVE_SESSIONS, 0, -1):
+            sid = raw.decode()
+            if sid in self.sessions or len(self.sessions) >= self.max_sessions:
+                continue
+            lease_key = keys.session_lease(sid)
+            if not self.lease.acquire(lease_key, self.worker_id, self.defaults.lease_ttl_ms):
+                continue
+            try:
+                self._adopt(sid)
+            except MidashengError as e:
+                log.error("cannot adopt session %s: %s", sid, e)
+                self._end_with_error(sid, f"session configuration is unusable: {e}")
+                self.lease.release(lease_key, self.worker_id)
+                continue
+            self.heartbeat.add(lease_key)
+            adopted.append(sid)
+        metrics.LM_SESSIONS.set(len(self.sessions))
+        return adopted
+
+    def _adopt(self, sid: str) -> None:
+        settings = settings_from_hash(self.redis.hgetall(keys.session_config(sid)))
+        schedule = CaptionSchedule(settings)
+        state = {k.decode(): int(float(v)) for k, v in self.redis.hgetall(keys.session_state(sid)).items()
+                 if k.decode() in ("segments_final", "open_revision", "last_seq")}
+        schedule.restore(state)
+        stream = keys.session_tokens(sid)
+        self.streams.ensure_group(stream, GROUP, start="0")
+        # Rebuild the token buffer from publications already applied by an earlier owner.
+        if schedule.last_seq:
+            for _entry_id, fields in self.redis.xrange(stream, "-", "+"):
+                try:
+                    _, msg = decode_tokens(fields[PAYLOAD_FIELD.encode()])
+                except (InvalidArgument, KeyError):
+                    continue
+                if msg.seq <= schedule.last_seq:
+                    schedule.ingest(msg)
+            log.info("took over session %s at seq %d", sid, schedule.last_seq)
+        # Pending publications of a dead owner become ours (we hold the lease, so idle time 0).
+        start = "0-0"
+        while True:
+            start, _, _ = self.streams.autoclaim(stream, GROUP, self.worker_id, 0, start=start, count=100)
+            if start in ("0-0", "0"):
+                break
+        self.sessions[sid] = OwnedSession(sid, schedule, stream)
+
+    def _end_with_error(self, sid: str, message: str) -> None:
+        self.streams.add(keys.session_captions(sid), {"type": "error", "message": message, "fatal": "1"},
+                         self.defaults.captions_maxlen)
+        self.streams.add(keys.session_captions(sid), {"type": "end", "reason": "error"}, self.defaults.captions_maxlen)
+        self.redis.zrem(keys.ACTIVE_SESSIONS, sid)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def step(self, block_ms: int | None = None) -> int:
+        """One scheduling round; returns how many publications were handled."""
+        self._drop_lost()
+        now = time.monotonic()
+        if now - self._last_scan >= self.defaults.heartbeat_ms / 1000 / 2:
+            self._last_scan = now
+            self.adopt_free_sessions()
+        if not self.sessions:
+            time.sleep((block_ms or self.defaults.block_ms) / 1000)
+            return 0
+        # Own pending entries first (after a takeover or a failed step), then new ones.
+        entries = self.streams.read_group(GROUP, self.worker_id, {s.stream: "0" for s in self.sessions.values()},
+                                          count=1, block_ms=None)
+        if not entries:
+            entries = self.streams.read_group(GROUP, self.worker_id, {s.stream: ">" for s in self.sessions.values()},
+                                              count=1, block_ms=block_ms or self.defaults.block_ms)
+        by_stream = {s.stream: s for s in self.sessions.values()}
+        work: list[_Work] = []
+        for entry in entries:
+            session = by_stream.get(entry.stream)
+            if session is None:
+                continue
+            item = self._prepare(session, entry)
+            if item is not None:
+                work.append(item)
+        if work:
+            self._caption(work)
+            for item in work:
+                self._apply(item)
+        return len(entries)
+
+    def _prepare(self, session: OwnedSession, entry: Entry) -> _Work | None:
+        try:
+            sid, msg = decode_tokens(entry.fields[PAYLOAD_FIELD])
+            if sid != session.sid:
+                raise InvalidArgument(f"publication for session {sid!r} found in the stream of {session.sid!r}")
+        except (InvalidArgument, KeyError) as e:
+            self._poison(session, entry, str(e))
+            return None
+        sched = session.schedule
+        if msg.seq <= sched.last_seq:
+            self.streams.ack(entry.stream, GROUP, entry.id)  # already applied (redelivery)
+            metrics.LM_DUPLICATES.inc()
+            return None
+        sched.ingest(msg)
+        plans = sched.plan(msg, commit=False)  # counters advance only once the events are durable
+        lag = max(0.0, time.time() - entry_time(entry.id))
+        metrics.QUEUE_LAG.observe(lag)
+        return _Work(session, entry, msg, plans)
+
+    def _poison(self, session: OwnedSession, entry: Entry, reason: str) -> None:
+        log.error("dead-lettering publication %s of session %s: %s", entry.id, session.sid, reason)
+        self.streams.dead_letter(entry.stream, GROUP, entry, reason, deliveries=1)
+        metrics.DEAD_LETTERS.inc()
+        self.streams.add(
+            keys.session_captions(session.sid),
+            {"type": "error", "message": f"an audio-token publication could not be read and was skipped: {reason}",
+             "fatal": "0"},
+            self.defaults.captions_maxlen,
+        )
+
+    def _caption(self, work: Sequence[_Work]) -> None:
+        requests: list[CaptionRequest] = []
+        for item in work:
+            s = item.session.schedule.settings
+            opts = GenerationOptions(max_new_tokens=s.max_new_tokens)
+            for p in item.plans:
+                tokens = item.session.schedule.window(p.start_token, p.end_token)
+                requests.append(CaptionRequest(tokens, s.prompt, opts, s.adapter))
+        if not requests:
+            return
+        t0 = time.monotonic()
+        texts = self.engine.caption(requests)
+        metrics.CAPTION_SECONDS.observe(time.monotonic() - t0)
+        k = 0
+        for item in work:
+            item.texts = texts[k : k + len(item.plans)]
+            k += len(item.plans)
+
+    def _apply(self, item: _Work) -> None:
+        session, sched, msg = item.session, item.session.schedule, item.msg
+        outputs: list[tuple[str, dict[str, str], int]] = []
+        captions_key = keys.session_captions(session.sid)
+        for plan, text in zip(item.plans, item.texts, strict=True):
+            outputs.append((captions_key, caption_fields(plan, text, msg.stream_seconds, sched.settings.adapter),
+                            self.defaults.captions_maxlen))
+        before = (sched.segments_final, sched.open_revision, sched.last_seq, sched.ended)
+        sched.plan(msg, commit=True)  # the same plan as the preview: it is deterministic
+        if msg.end_of_stream:
+            outputs.append((captions_key, {"type": "end", "reason": "end_of_stream",
+                                           "audio_seconds": f"{msg.stream_seconds:.3f}"}, self.defaults.captions_maxlen))
+        status, _ids = apply_once(
+            self.redis,
+            lease_key=keys.session_lease(session.sid),
+            owner=self.worker_id,
+            state_key=keys.session_state(session.sid),
+            seq=msg.seq,
+            ack_stream=item.entry.stream,
+            group=GROUP,
+            entry_id=item.entry.id,
+            outputs=outputs,
+            state_updates=sched.counters(),
+            ttl_s=self.defaults.session_ttl_s,
+        )
+        if status != "applied":  # lease lost, or another owner applied it first
+            sched.segments_final, sched.open_revision, sched.last_seq, sched.ended = before
+            self._on_lost(keys.session_lease(session.sid))
+            return
+        metrics.CAPTION_EVENTS.inc(len(item.plans))
+        if msg.end_of_stream:
+            self._finish(session)
+
+    def _finish(self, session: OwnedSession) -> None:
+        self.redis.zrem(keys.ACTIVE_SESSIONS, session.sid)
+        lease_key = keys.session_lease(session.sid)
+        self.heartbeat.discard(lease_key)
+        self.lease.release(lease_key, self.worker_id)
+        self.sessions.pop(session.sid, None)
+        metrics.LM_SESSIONS.set(len(self.sessions))
+
+    def run(self, stop: threading.Event) -> None:
+        self.heartbeat.start()
+        try:
+            while not stop.is_set():
+                try:
+                    self.step()
+                except redis.RedisError as e:
+                    log.error("redis error in the LM loop: %s; retrying", e)
+                    stop.wait(0.5)
+        finally:
+            self.heartbeat.stop(timeout=2.0)
+
+
+def caption_fields(plan: PlannedCaption, text: str, stream_seconds: float, adapter: str) -> dict[str, str]:
+    return {
+        "type": "caption",
+        "segment_id": str(plan.segment_id),
+        "revision": str(plan.revision),
+        "window_start": f"{plan.window_start_seconds:.3f}",
+        "window_end": f"{plan.window_end_seconds:.3f}",
+        "text": text,
+        "is_final": "1" if plan.is_final else "0",
+        "audio_seconds": f"{stream_seconds:.3f}",
+        "adapter": adapter,
+    }
+
+
+def entry_time(entry_id: str) -> float:
+    """Seconds since the epoch at which a stream entry was added (its id's millisecond part)."""
+    return int(entry_id.split("-")[0]) / 1000.0

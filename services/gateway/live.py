@@ -1,0 +1,260 @@
+"""Live caption sessions at the gateway: audio in (any rate, PCM) -> encoder; caption events out.
+
+No gRPC here: the public API servicer and the WebRTC ingest both drive :class:`LiveSession`.
+Sessions are registered in Redis (config hash + the active set the LM workers lease from); the
+caption events an LM worker writes to the session's caption stream are read back by entry id,
+which doubles as the resume cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+import redis
+
+from services import metrics
+from services.audio.pcm import MAX_CHANNELS, MAX_RATE, MIN_RATE, PcmConverter, validate_format
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.streaming.settings import SessionSettings, settings_from_hash, settings_to_hash
+from services.transport import keys
+from services.transport.keys import TransportDefaults
+
+log = logging.getLogger(__name__)
+_SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    max_chunk_bytes: int = 192_000  # 1 s of 48 kHz stereo 16-bit PCM
+    max_session_seconds: float = 6 * 3600.0
+    idle_timeout_seconds: float = 30.0  # no audio and no keep-alive for this long ends the session
+    first_message_timeout_seconds: float = 10.0
+    resume_retention_seconds: float = 60.0  # a dropped session waits this long for its client
+    max_prompt_chars: int = 500
+    max_new_tokens: int = 128
+    max_sessions: int = 256
+    min_sample_rate_hz: int = MIN_RATE
+    max_sample_rate_hz: int = MAX_RATE
+    max_channels: int = MAX_CHANNELS
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    sample_rate: int = 16000
+    encoding: str = "LINEAR16"
+    channels: int = 1
+    session: SessionSettings = field(default_factory=SessionSettings)
+    language: str = ""
+
+    def validate(self, limits: GatewayLimits) -> None:
+        validate_format(self.sample_rate, self.encoding, self.channels)
+        self.session.validate()
+        if len(self.session.prompt) > limits.max_prompt_chars:
+            raise InvalidArgument(f"prompt is longer than {limits.max_prompt_chars} characters")
+        if self.session.max_new_tokens > limits.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens is above the limit of {limits.max_new_tokens}")
+
+
+class EncoderLink(Protocol):
+    """How the gateway reaches the encoder service."""
+
+    def open(self, sid: str, emit_seconds: float) -> tuple[int, bool]: ...
+
+    def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None: ...
+
+    def close(self, sid: str, flush: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a session's caption stream."""
+
+    id: str
+    fields: dict[str, str]
+
+    @property
+    def type(self) -> str:
+        return self.fields.get("type", "caption")
+
+
+class LiveSession:
+    def __init__(self, gateway: LiveGateway, sid: str, settings: StreamSettings, audio_seq: int = 0,
+                 resumed: bool = False) -> None:
+        self.gateway = gateway
+        self.sid = sid
+        self.settings = settings
+        self.converter = PcmConverter(settings.sample_rate, settings.encoding, settings.channels)
+        self.audio_seq = audio_seq
+        self.resumed = resumed
+        self.samples = 0
+        self.ended = False  # no more audio will be accepted
+        self.last_activity = time.monotonic()
+        self.lock = threading.Lock()
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / 16000
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def feed(self, data: bytes, seq: int = 0) -> None:
+        """Accept one client chunk (validated, converted to 16 kHz mono, pushed to the encoder)."""
+        limits = self.gateway.limits
+        if len(data) > limits.max_chunk_bytes:
+            metrics.REJECTED_CHUNKS.labels(reason="oversized").inc()
+            raise InvalidArgument(f"audio chunk of {len(data)} bytes exceeds the limit of {limits.max_chunk_bytes} bytes")
+        with self.lock:
+            if self.ended:
+                raise FailedPrecondition("the session was finalized; no more audio is accepted")
+            if seq and seq <= self.audio_seq:
+                return  # a chunk the client re-sent after a reconnect
+            if seq and seq != self.audio_seq + 1:
+                raise InvalidArgument(f"audio chunk seq {seq} skips ahead of {self.audio_seq + 1}")
+            t0 = time.monotonic()
+            try:
+                samples = self.converter.convert(data)
+            except InvalidArgument:
+                metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
+                raise
+            if (self.samples + samples.size) / 16000 > limits.max_session_seconds:
+                raise ResourceExhausted(f"the session reached its maximum of {limits.max_session_seconds:.0f} s")
+            self.audio_seq += 1
+            self.gateway.encoder.push(self.sid, self.audio_seq, samples)
+            self.samples += samples.size
+            self.touch()
+            metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
+
+    def finalize(self) -> None:
+        """No more audio: the encoder flushes, the LM writes the last final caption and the end."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            tail = self.converter.flush()
+            self.audio_seq += 1
+            self.gateway.encoder.push(self.sid, self.audio_seq, tail, end_of_stream=True)
+            self.samples += tail.size
+
+    def close(self) -> None:
+        """Stop now without captioning the open window."""
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            self.gateway.encoder.close(self.sid, flush=False)
+
+    def events(self, after: str, block_ms: int) -> list[Event]:
+        return self.gateway.read_events(self.sid, after, block_ms)
+
+
+class LiveGateway:
+    """Creates, resumes and reaps live sessions."""
+
+    def __init__(self, client: redis.Redis, encoder: EncoderLink, limits: GatewayLimits | None = None,
+                 defaults: TransportDefaults | None = None) -> None:
+        self.redis = client
+        self.encoder = encoder
+        self.limits = limits or GatewayLimits()
+        self.defaults = defaults or TransportDefaults()
+        self._sessions: dict[str, LiveSession] = {}
+        self._detached: dict[str, float] = {}  # sid -> monotonic time it lost its client
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, settings: StreamSettings, session_id: str = "") -> LiveSession:
+        settings.validate(self.limits)
+        sid = session_id or uuid.uuid4().hex
+        if not set(sid) <= _SAFE_ID or len(sid) > 64:
+            raise InvalidArgument("session_id may hold only letters, digits, '-' and '_' (at most 64)")
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise ResourceExhausted(f"this gateway serves its maximum of {self.limits.max_sessions} sessions")
+            if self.redis.exists(keys.session_config(sid)):
+                raise InvalidArgument(f"session {sid} already exists; resume it with resume_after_event_id")
+            cfg = settings_to_hash(settings.session) | {
+                "sample_rate": str(settings.sample_rate), "encoding": settings.encoding,
+                "channels": str(settings.channels), "language": settings.language, "created": f"{time.time():.3f}",
+            }
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(keys.session_config(sid), mapping=cfg)
+            pipe.expire(keys.session_config(sid), self.defaults.session_ttl_s)
+            pipe.zadd(keys.ACTIVE_SESSIONS, {sid: int(time.time() * 1000)})
+            pipe.execute()
+            self.encoder.open(sid, settings.session.hop_seconds)
+            session = LiveSession(self, sid, settings)
+            self._sessions[sid] = session
+            metrics.GATEWAY_SESSIONS.set(len(self._sessions))
+        log.info("session %s started (%d Hz %s x%d, window %.1f s, hop %.1f s)", sid, settings.sample_rate,
+                 settings.encoding, settings.channels, settings.session.window_seconds, settings.session.hop_seconds)
+        return session
+
+    def resume(self, sid: str) -> LiveSession:
+        """Reattach to a session after a dropped connection (this gateway or another)."""
+        with self._lock:
+            self._detached.pop(sid, None)
+            if sid in self._sessions:
+                s = self._sessions[sid]
+                s.resumed = True
+                s.touch()
+                return s
+            raw = self.redis.hgetall(keys.session_config(sid))
+            if not raw:
+                raise NotFound(f"session {sid} does not exist or has expired")
+            get = {k.decode(): v.decode() for k, v in raw.items()}
+            settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
+                                      settings_from_hash(raw), get.get("language", ""))
+            last_seq, _ = self.encoder.open(sid, settings.session.hop_seconds)
+            session = LiveSession(self, sid, settings, audio_seq=last_seq, resumed=True)
+            self._sessions[sid] = session
+            metrics.GATEWAY_SESSIONS.set(len(self._sessions))
+            return session
+
+    def detach(self, session: LiveSession) -> None:
+        """The client went away without ending the session: keep it for a while for a resume."""
+        with self._lock:
+            if session.ended:
+                self._sessions.pop(session.sid, None)
+            else:
+                self._detached[session.sid] = time.monotonic()
+            metrics.GATEWAY_SESSIONS.set(len(self._sessions))
+
+    def forget(self, session: LiveSession) -> None:
+        with self._lock:
+            self._sessions.pop(session.sid, None)
+            self._detached.pop(session.sid, None)
+            metrics.GATEWAY_SESSIONS.set(len(self._sessions))
+
+    def reap(self) -> list[str]:
+        """Finalize sessions whose client did not come back within the retention time."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [sid for sid, t in self._detached.items() if now - t > self.limits.resume_retention_seconds]
+        for sid in expired:
+            session = self._sessions.get(sid)
+            if session is not None:
+                try:
+                    session.finalize()
+                except Exception:  # the encoder may be gone; the session ends either way
+                    log.exception("finalizing abandoned session %s failed", sid)
+                self.forget(session)
+        return expired
+
+    def read_events(self, sid: str, after: str, block_ms: int) -> list[Event]:
+        res = self.redis.xread({keys.session_captions(sid): after or "0-0"}, count=100, block=max(1, block_ms))
+        out: list[Event] = []
+        for _stream, entries in res or []:
+            for entry_id, fields in entries:
+                out.append(Event(entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
+        return out
+
+    def settings_with(self, base: StreamSettings, **changes: object) -> StreamSettings:
+        return replace(base, **changes)  # type: ignore[arg-type]

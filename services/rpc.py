@@ -1,0 +1,134 @@
+"""gRPC plumbing shared by the servers: error mapping, health, reflection, server construction.
+
+Domain code raises the named exceptions of :mod:`services.errors`; this is the one place that
+maps them to status codes. Anything else is INTERNAL and logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services import errors
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.MidashengError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in STATUS_FOR:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in %s", method)
+        context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
+    context.abort(code, str(exc))
+
+
+def unary(fn: F) -> F:
+    """Map named exceptions of a unary RPC method to gRPC statuses."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and not isinstance(exc, errors.MidashengError):
+                raise  # context.abort() already chose the status
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(fn: F) -> F:
+    """Same as :func:`unary` for response-streaming methods (generators)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and not isinstance(exc, errors.MidashengError):
+                raise
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_server(max_workers: int = 32) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
+    """Register grpc.health.v1 (every service SERVING) and server reflection."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = list(service_names)
+    for name in [*names, ""]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return servicer
+
+
+def set_not_serving(servicer: health.HealthServicer, service_names: Iterable[str]) -> None:
+    for name in [*service_names, ""]:
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def bind(server: grpc.Server, address: str) -> int:
+    """Bind an insecure port on a loopback/host address; returns the port (0 picks a free one)."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise errors.MidashengError(f"cannot listen on {address}")
+    return port
+
+
+def wait_healthy(target: str, service: str = "", timeout: float = 30.0) -> bool:
+    """Poll grpc.health.v1 Check until SERVING or the timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    return False
