@@ -74,7 +74,8 @@ class LMWorker:
         self._lost: set[str] = set()
         self._lost_lock = threading.Lock()
         self.heartbeat = Heartbeat(
-            client, self.worker_id, self.defaults.lease_ttl_ms, self.defaults.heartbeat_ms, on_lost=self._on_lost
+            self.lease, self.worker_id, ttl_ms=self.defaults.lease_ttl_ms, heartbeat_ms=self.defaults.heartbeat_ms,
+            on_lost=self._on_lost,
         )
         self._last_scan = 0.0
 

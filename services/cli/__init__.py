@@ -11,7 +11,10 @@ from services.errors import MidashengError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.cli import caption, evaluate, synth, train
+    from encoder_service import server as encoder_server
+    from lm_service import server as lm_server
+    from services.cli import caption, evaluate, stream, synth, train, up
+    from services.gateway import server as gateway_server
 
     parser = argparse.ArgumentParser(
         prog="midasheng",
@@ -20,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (caption, synth, train, evaluate):
+    for module in (up, caption, stream, synth, train, evaluate, gateway_server, encoder_server, lm_server):
         module.add_parser(sub)
     return parser
 

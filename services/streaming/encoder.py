@@ -61,9 +61,9 @@ from services.model.modeling import AudioProjector
 from services.model.processor import MIN_SAMPLES
 
 
-@dataclass
+@dataclass(eq=False)
 class WindowJob:
-    """One encoder forward to run (batched across sessions by the caller)."""
+    """One encoder forward to run (batched across sessions by the caller); compared by identity."""
 
     window_index: int
     mel: torch.Tensor  # (n_mels, T) fp32 log-mel of this window's frames (T <= 1008)
@@ -72,7 +72,7 @@ class WindowJob:
     revision: int  # 0 for the first computation of a window, +1 each recomputation
 
 
-@dataclass
+@dataclass(eq=False)
 class TokenUpdate:
     """5 Hz audio tokens ``[token_start, token_start + n)`` of the stream.
 

@@ -44,6 +44,8 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=timeout)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
         if self._owned_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

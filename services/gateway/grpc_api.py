@@ -1,0 +1,276 @@
+"""Public gRPC API (midasheng.v1.CaptionService): StreamCaptions, Caption, BatchCaption.
+
+StreamCaptions runs one loop per call: drain the client's messages (read by a helper thread
+into a bounded queue), feed audio to the session, relay new caption events from Redis. The
+first message must be a SessionConfig; a client that sends nothing gets DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from services import rpc
+from services.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MidashengError,
+    Unauthenticated,
+)
+from services.gateway.live import Event, GatewayLimits, LiveGateway, LiveSession, StreamSettings
+from services.pb.midasheng.v1 import (
+    captions_pb2,
+    captions_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    lm_pb2_grpc,
+)
+from services.streaming.settings import SessionSettings
+
+log = logging.getLogger(__name__)
+SERVICE = "midasheng.v1.CaptionService"
+POLL_MS = 50  # caption relay poll while the client is sending
+REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
+RPC_TIMEOUT_S = 30.0
+ENCODINGS = {captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16", captions_pb2.LINEAR16: "LINEAR16",
+             captions_pb2.FLOAT32: "FLOAT32"}
+END_REASONS = {"end_of_stream": captions_pb2.SessionEnded.CLIENT_CLOSED, "error": captions_pb2.SessionEnded.ERROR,
+               "idle": captions_pb2.SessionEnded.IDLE_TIMEOUT}
+
+
+class GrpcEncoderLink:
+    """EncoderLink over gRPC with a timeout on every call."""
+
+    def __init__(self, target: str, timeout: float = RPC_TIMEOUT_S) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
+        self.timeout = timeout
+
+    def open(self, sid: str, emit_seconds: float) -> tuple[int, bool]:
+        r = self.stub.OpenSession(encoder_pb2.OpenSessionRequest(session_id=sid, emit_interval_seconds=emit_seconds),
+                                  timeout=self.timeout)
+        return int(r.last_seq), bool(r.reattached)
+
+    def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
+        self.stub.PushAudio(encoder_pb2.PushAudioRequest(
+            session_id=sid, seq=seq, format=encoder_pb2.SAMPLE_FORMAT_FLOAT32,
+            data=np.ascontiguousarray(samples, dtype="<f4").tobytes(), end_of_stream=end_of_stream),
+            timeout=self.timeout)
+
+    def close(self, sid: str, flush: bool) -> None:
+        try:
+            self.stub.CloseSession(encoder_pb2.CloseSessionRequest(session_id=sid, flush=flush), timeout=self.timeout)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    def shutdown(self) -> None:
+        self.channel.close()
+
+
+def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
+    session = SessionSettings(
+        window_seconds=cfg.window_seconds or 10.0,
+        hop_seconds=cfg.hop_seconds or 2.0,
+        prompt=cfg.prompt or "Caption the audio.",
+        interim_results=cfg.interim_results,
+        max_new_tokens=cfg.max_new_tokens or 48,
+        adapter=cfg.adapter,
+    )
+    encoding = ENCODINGS.get(cfg.encoding)
+    if encoding is None:
+        raise InvalidArgument(f"unknown audio encoding {cfg.encoding}")
+    return StreamSettings(cfg.sample_rate_hz or 16000, encoding, cfg.channels or 1, session, cfg.language)
+
+
+def effective_pb(sid: str, s: StreamSettings, resume_after: str) -> captions_pb2.SessionConfig:
+    return captions_pb2.SessionConfig(
+        sample_rate_hz=s.sample_rate, encoding=captions_pb2.AudioEncoding.Value(s.encoding), channels=s.channels,
+        prompt=s.session.prompt, window_seconds=s.session.window_seconds, hop_seconds=s.session.hop_seconds,
+        interim_results=s.session.interim_results, adapter=s.session.adapter, language=s.language,
+        session_id=sid, resume_after_event_id=resume_after, max_new_tokens=s.session.max_new_tokens,
+    )
+
+
+def limits_pb(lim: GatewayLimits) -> captions_pb2.ServerLimits:
+    return captions_pb2.ServerLimits(
+        max_chunk_bytes=lim.max_chunk_bytes, max_session_seconds=lim.max_session_seconds,
+        idle_timeout_seconds=lim.idle_timeout_seconds, resume_retention_seconds=lim.resume_retention_seconds,
+        max_prompt_chars=lim.max_prompt_chars, max_new_tokens=lim.max_new_tokens, max_channels=lim.max_channels,
+        min_sample_rate_hz=lim.min_sample_rate_hz, max_sample_rate_hz=lim.max_sample_rate_hz,
+    )
+
+
+def event_pb(ev: Event) -> captions_pb2.StreamCaptionsResponse:
+    f = ev.fields
+    if ev.type == "caption":
+        return captions_pb2.StreamCaptionsResponse(caption=captions_pb2.CaptionEvent(
+            event_id=ev.id, segment_id=int(f["segment_id"]), revision=int(f["revision"]),
+            window_start_seconds=float(f["window_start"]), window_end_seconds=float(f["window_end"]),
+            text=f.get("text", ""), is_final=f.get("is_final") == "1",
+            audio_processed_seconds=float(f.get("audio_seconds", 0.0)), adapter=f.get("adapter", "")))
+    if ev.type == "error":
+        return captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
+            code=grpc.StatusCode.INTERNAL.value[0] if f.get("fatal") == "1" else grpc.StatusCode.DATA_LOSS.value[0],
+            message=f.get("message", ""), reason=f.get("reason", "lm"), fatal=f.get("fatal") == "1"))
+    return captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(
+        reason=END_REASONS.get(f.get("reason", ""), captions_pb2.SessionEnded.REASON_UNSPECIFIED),
+        total_audio_seconds=float(f.get("audio_seconds", 0.0)), last_event_id=ev.id))
+
+
+_END = object()
+
+
+@dataclass
+class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
+    gateway: LiveGateway
+    lm_target: str | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        self._lm = lm_pb2_grpc.LMServiceStub(grpc.insecure_channel(self.lm_target)) if self.lm_target else None
+
+    def _check_auth(self, context: grpc.ServicerContext) -> None:
+        if not self.token:
+            return
+        md = dict(context.invocation_metadata())
+        if md.get("authorization") != f"Bearer {self.token}":
+            raise Unauthenticated("a valid 'authorization: Bearer <token>' metadata entry is required")
+
+    @rpc.streaming
+    def StreamCaptions(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        self._check_auth(context)
+        inbox: queue.Queue[object] = queue.Queue(maxsize=REQUEST_QUEUE)
+        reader = threading.Thread(target=_pump, args=(request_iterator, inbox), name="stream-reader", daemon=True)
+        reader.start()
+        limits = self.gateway.limits
+        try:
+            first = inbox.get(timeout=limits.first_message_timeout_seconds)
+        except queue.Empty as e:
+            raise DeadlineExceeded(
+                f"no SessionConfig received within {limits.first_message_timeout_seconds:.0f} s of opening the stream"
+            ) from e
+        if first is _END:
+            return
+        if isinstance(first, BaseException):
+            raise first
+        assert isinstance(first, captions_pb2.StreamCaptionsRequest)
+        if first.WhichOneof("request") != "config":
+            raise FailedPrecondition("the first message of StreamCaptions must be a SessionConfig")
+        cfg = first.config
+        if cfg.resume_after_event_id and not cfg.session_id:
+            raise InvalidArgument("resume_after_event_id needs the session_id of the session to resume")
+        if cfg.session_id and cfg.resume_after_event_id:
+            session = self.gateway.resume(cfg.session_id)
+        else:
+            session = self.gateway.create(settings_from_pb(cfg), cfg.session_id)
+        cursor = cfg.resume_after_event_id or "0-0"
+        yield captions_pb2.StreamCaptionsResponse(started=captions_pb2.SessionStarted(
+            session_id=session.sid, effective_config=effective_pb(session.sid, session.settings, cursor),
+            limits=limits_pb(limits), resumed=session.resumed, last_seq=session.audio_seq))
+        yield from self._relay(session, inbox, cursor, context)
+
+    def _relay(self, session: LiveSession, inbox: queue.Queue[object], cursor: str,
+               context: grpc.ServicerContext) -> Iterator[captions_pb2.StreamCaptionsResponse]:
+        limits = self.gateway.limits
+        client_done = False
+        finished = False
+        try:
+            while True:
+                # 1. the client's messages
+                while not client_done:
+                    try:
+                        item = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        client_done = True  # half-close: flush what was sent
+                        session.finalize()
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        self._handle(session, item)  # type: ignore[arg-type]
+                if not session.ended and time.monotonic() - session.last_activity > limits.idle_timeout_seconds:
+                    log.info("session %s idle for %.0f s; finalizing", session.sid, limits.idle_timeout_seconds)
+                    session.finalize()
+                    yield captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
+                        code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reason="idle",
+                        message=f"no audio or keep-alive for {limits.idle_timeout_seconds:.0f} s; the session is "
+                        "being finalized", fatal=False))
+                # 2. caption events
+                for ev in session.events(cursor, POLL_MS):
+                    cursor = ev.id
+                    yield event_pb(ev)
+                    if ev.type == "end":
+                        finished = True
+                        return
+                if not context.is_active():
+                    return
+        finally:
+            if finished or session.ended and client_done:
+                self.gateway.forget(session)
+            else:
+                self.gateway.detach(session)
+
+    def _handle(self, session: LiveSession, req: captions_pb2.StreamCaptionsRequest) -> None:
+        kind = req.WhichOneof("request")
+        if kind == "audio":
+            session.feed(req.audio.data, req.audio.seq)
+        elif kind == "control":
+            action = req.control.action
+            if action == captions_pb2.Control.KEEP_ALIVE:
+                session.touch()
+            elif action == captions_pb2.Control.FINALIZE:
+                session.finalize()
+            elif action == captions_pb2.Control.CLOSE:
+                session.close()
+            else:
+                raise InvalidArgument(f"unknown control action {action}")
+        elif kind == "config":
+            raise InvalidArgument("SessionConfig may only be the first message of a stream")
+        else:
+            raise InvalidArgument("empty StreamCaptionsRequest")
+
+    def _lm_stub(self) -> lm_pb2_grpc.LMServiceStub:
+        if self._lm is None:
+            raise FailedPrecondition("this gateway has no LM service configured for offline captions")
+        return self._lm
+
+    @rpc.unary
+    def Caption(self, request, context):  # type: ignore[no-untyped-def]
+        self._check_auth(context)
+        return _forward(self._lm_stub().Caption, request, context)
+
+    @rpc.unary
+    def BatchCaption(self, request, context):  # type: ignore[no-untyped-def]
+        self._check_auth(context)
+        return _forward(self._lm_stub().BatchCaption, request, context)
+
+
+def _forward(method, request, context):  # type: ignore[no-untyped-def]
+    try:
+        return method(request, timeout=max(1.0, context.time_remaining() or 120.0))
+    except grpc.RpcError as e:
+        context.abort(e.code(), e.details())
+
+
+def _pump(requests: Iterator[object], inbox: queue.Queue[object]) -> None:
+    """Reads the client's messages into the bounded inbox (blocks when it is full: back-pressure)."""
+    try:
+        for req in requests:
+            inbox.put(req, timeout=300)
+        inbox.put(_END, timeout=300)
+    except grpc.RpcError:
+        inbox.put(_END, timeout=5)  # the client vanished: handled like a half-close
+    except queue.Full:
+        inbox.put(MidashengError("the stream's message queue stayed full for 300 s"), timeout=5)
+    except Exception as e:  # malformed frames and the like end the call with that error
+        inbox.put(e, timeout=5)

@@ -1,0 +1,86 @@
+"""The gateway process: public gRPC API (and, with it, the web page and WebRTC ingest)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import grpc
+import redis
+
+from services import rpc
+from services.gateway.grpc_api import SERVICE, CaptionServicer, GrpcEncoderLink
+from services.gateway.live import GatewayLimits, LiveGateway
+from services.metrics import serve_metrics
+from services.pb.midasheng.v1 import captions_pb2_grpc
+from services.runtime import redis_url_from, wait_for_shutdown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayServer:
+    server: grpc.Server
+    port: int
+    gateway: LiveGateway
+    encoder: GrpcEncoderLink
+    _stop: threading.Event
+    _reaper: threading.Thread
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stop.set()
+        self.server.stop(grace).wait(grace + 1)
+        self._reaper.join(timeout=2)
+        self.encoder.shutdown()
+
+
+def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, address: str = "127.0.0.1:0",
+                  limits: GatewayLimits | None = None, token: str | None = None, max_workers: int = 64) -> GatewayServer:
+    client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+    encoder = GrpcEncoderLink(encoder_target)
+    gateway = LiveGateway(client, encoder, limits)
+    server = rpc.make_server(max_workers=max_workers)
+    captions_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(gateway, lm_target, token), server)
+    rpc.add_health_and_reflection(server, [SERVICE])
+    port = rpc.bind(server, address)
+    server.start()
+    stop = threading.Event()
+
+    def reap() -> None:
+        while not stop.wait(1.0):
+            try:
+                gateway.reap()
+            except Exception:  # keep reaping; one bad session must not stop the loop
+                log.exception("reaping sessions failed")
+
+    reaper = threading.Thread(target=reap, name="gateway-reaper", daemon=True)
+    reaper.start()
+    log.info("gateway listening on port %d", port)
+    return GatewayServer(server, port, gateway, encoder, stop, reaper)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="run the public gateway (gRPC streaming API)",
+                       description="Public StreamCaptions/Caption/BatchCaption API; drives the encoder service "
+                       "and relays caption events from Redis.")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (default: 127.0.0.1:50051)")
+    p.add_argument("--encoder", default="127.0.0.1:50061", help="encoder service address")
+    p.add_argument("--lm", default="127.0.0.1:50062", help="LM service address (offline Caption/BatchCaption)")
+    p.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
+    p.add_argument("--token", default=os.environ.get("MIDASHENG_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' (default: $MIDASHENG_TOKEN; none = open)")
+    p.add_argument("--idle-timeout", type=float, default=GatewayLimits.idle_timeout_seconds,
+                   help="seconds without audio or keep-alive before a session is finalized")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    limits = GatewayLimits(idle_timeout_seconds=args.idle_timeout)
+    srv = start_gateway(redis_url_from(args.redis_url), args.encoder, args.lm, args.listen, limits, args.token)
+    serve_metrics(args.metrics_port)
+    print(f"gateway ready on port {srv.port}", flush=True)
+    return wait_for_shutdown(srv.stop)
