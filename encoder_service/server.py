@@ -171,7 +171,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dev = pick_device(args.device)
-    model = load_model(args.model, dtype=args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"), device=dev)
+    model = load_model(args.model, dtype=args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"), device=dev,
+                       audio_only=True)
     srv = start_encoder_server(model, redis_url_from(args.redis_url), args.listen, args.max_batch, args.max_wait_ms)
     serve_metrics(args.metrics_port)
     print(f"encoder ready on port {srv.port}", flush=True)

@@ -23,7 +23,7 @@ import redis
 from lm_service.engine import CaptionEngine, CaptionRequest
 from lm_service.session import CaptionSchedule, PlannedCaption
 from services import metrics
-from services.errors import InvalidArgument, MidashengError
+from services.errors import InvalidArgument, MidashengError, NotFound
 from services.model.generation import GenerationOptions
 from services.streaming.codec import PAYLOAD_FIELD, TokenMessage, decode_tokens
 from services.streaming.settings import settings_from_hash
@@ -116,7 +116,10 @@ class LMWorker:
         return adopted
 
     def _adopt(self, sid: str) -> None:
-        settings = settings_from_hash(self.redis.hgetall(keys.session_config(sid)))
+        raw = self.redis.hgetall(keys.session_config(sid))
+        if not raw:
+            raise NotFound(f"session {sid} has no configuration (expired or never created)")
+        settings = settings_from_hash(raw)
         schedule = CaptionSchedule(settings)
         state = {k.decode(): int(float(v)) for k, v in self.redis.hgetall(keys.session_state(sid)).items()
                  if k.decode() in ("segments_final", "open_revision", "last_seq")}

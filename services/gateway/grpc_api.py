@@ -38,6 +38,7 @@ from services.streaming.settings import SessionSettings
 log = logging.getLogger(__name__)
 SERVICE = "midasheng.v1.CaptionService"
 POLL_MS = 50  # caption relay poll while the client is sending
+END_TIMEOUT_S = 120.0  # after the audio ended, the longest wait for the LM's end marker
 REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
 RPC_TIMEOUT_S = 30.0
 ENCODINGS = {captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16", captions_pb2.LINEAR16: "LINEAR16",
@@ -183,6 +184,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         limits = self.gateway.limits
         client_done = False
         finished = False
+        last_event = time.monotonic()
         try:
             while True:
                 # 1. the client's messages
@@ -207,11 +209,20 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                         "being finalized", fatal=False))
                 # 2. caption events
                 for ev in session.events(cursor, POLL_MS):
-                    cursor = ev.id
+                    cursor, last_event = ev.id, time.monotonic()
                     yield event_pb(ev)
                     if ev.type == "end":
                         finished = True
                         return
+                if session.ended and time.monotonic() - last_event > END_TIMEOUT_S:
+                    finished = True
+                    yield captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
+                        code=grpc.StatusCode.UNAVAILABLE.value[0], reason="no_lm", fatal=True,
+                        message=f"no caption worker finished the session within {END_TIMEOUT_S:.0f} s"))
+                    yield captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(
+                        reason=captions_pb2.SessionEnded.ERROR, total_audio_seconds=session.seconds,
+                        last_event_id=cursor))
+                    return
                 if not context.is_active():
                     return
         finally:

@@ -13,7 +13,9 @@ import redis
 
 from services import rpc
 from services.gateway.grpc_api import SERVICE, CaptionServicer, GrpcEncoderLink
+from services.gateway.http import HttpServer, parse_address, start_http
 from services.gateway.live import GatewayLimits, LiveGateway
+from services.gateway.webrtc import ice_servers_from
 from services.metrics import serve_metrics
 from services.pb.midasheng.v1 import captions_pb2_grpc
 from services.runtime import redis_url_from, wait_for_shutdown
@@ -29,8 +31,15 @@ class GatewayServer:
     encoder: GrpcEncoderLink
     _stop: threading.Event
     _reaper: threading.Thread
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     def stop(self, grace: float = 2.0) -> None:
+        if self.http is not None:
+            self.http.stop()  # closes WebRTC peers (finalizing their sessions) while the encoder link is up
         self._stop.set()
         self.server.stop(grace).wait(grace + 1)
         self._reaper.join(timeout=2)
@@ -38,7 +47,8 @@ class GatewayServer:
 
 
 def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, address: str = "127.0.0.1:0",
-                  limits: GatewayLimits | None = None, token: str | None = None, max_workers: int = 64) -> GatewayServer:
+                  limits: GatewayLimits | None = None, token: str | None = None, max_workers: int = 64,
+                  http_address: str | None = None, ice_servers: list[str] | None = None) -> GatewayServer:
     client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
     encoder = GrpcEncoderLink(encoder_target)
     gateway = LiveGateway(client, encoder, limits)
@@ -59,7 +69,15 @@ def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, ad
     reaper = threading.Thread(target=reap, name="gateway-reaper", daemon=True)
     reaper.start()
     log.info("gateway listening on port %d", port)
-    return GatewayServer(server, port, gateway, encoder, stop, reaper)
+    srv = GatewayServer(server, port, gateway, encoder, stop, reaper)
+    if http_address:
+        try:
+            srv.http = start_http(gateway, *parse_address(http_address), token=token,
+                                  ice_servers=ice_servers_from(ice_servers))
+        except BaseException:
+            srv.stop()
+            raise
+    return srv
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,12 +93,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=GatewayLimits.idle_timeout_seconds,
                    help="seconds without audio or keep-alive before a session is finalized")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="serve the web page, monitoring view and WebRTC ingest here (default: off)")
+    p.add_argument("--ice-server", action="append", default=None, metavar="URL",
+                   help="STUN/TURN server for WebRTC, repeatable: stun:HOST:PORT or turn:USER:PASS@HOST:PORT "
+                   "(default: $MIDASHENG_ICE_SERVERS, comma-separated; none = fine on loopback and LANs)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     limits = GatewayLimits(idle_timeout_seconds=args.idle_timeout)
-    srv = start_gateway(redis_url_from(args.redis_url), args.encoder, args.lm, args.listen, limits, args.token)
+    srv = start_gateway(redis_url_from(args.redis_url), args.encoder, args.lm, args.listen, limits, args.token,
+                        http_address=args.http, ice_servers=args.ice_server)
     serve_metrics(args.metrics_port)
     print(f"gateway ready on port {srv.port}", flush=True)
+    if srv.http is not None:
+        print(f"web page on http://{args.http}/ (port {srv.http_port})", flush=True)
     return wait_for_shutdown(srv.stop)

@@ -117,12 +117,20 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]
         raise CheckpointError(f"Checkpoint {where} does not fit the model config: " + "; ".join(problems))
 
 
+AUDIO_PREFIXES = ("audio_encoder.", "audio_projector.")
+
+
 def load_model(
     model_dir: str | os.PathLike[str] | None,
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    audio_only: bool = False,
 ) -> MiDashengLM:
-    """Load a checkpoint directory; the frontend and ``init_bn`` stay fp32."""
+    """Load a checkpoint directory; the frontend and ``init_bn`` stay fp32.
+
+    ``audio_only`` loads just the encoder and projector (what the encoder service needs); the
+    decoder stays on the meta device and takes no memory.
+    """
     path = resolve_model_dir(model_dir)
     dtype = parse_dtype(dtype)
     if not (path / CONFIG_NAME).is_file():
@@ -131,13 +139,16 @@ def load_model(
     model = build_model(config, "meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = bool(config.qwen2_config().tie_word_embeddings)
+    if audio_only:
+        expected = {k: v for k, v in expected.items() if k.startswith(AUDIO_PREFIXES)}
 
     files = weight_files(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
-                shapes[key] = tuple(sf.get_slice(key).get_shape())
+                if not audio_only or key.startswith(AUDIO_PREFIXES):
+                    shapes[key] = tuple(sf.get_slice(key).get_shape())
     if tied and "decoder.lm_head.weight" not in shapes:
         expected.pop("decoder.lm_head.weight", None)
     check_keys(expected, shapes, path)
@@ -155,6 +166,11 @@ def load_model(
     for key, shape in expected.items():
         if key.endswith(IGNORED_SUFFIXES):
             state.setdefault(key, torch.zeros(shape, dtype=torch.long, device=device))
+    if audio_only:
+        model.audio_encoder.load_state_dict(_strip(state, "audio_encoder."), strict=True, assign=True)
+        model.audio_projector.load_state_dict(_strip(state, "audio_projector."), strict=True, assign=True)
+        _check_materialised(model.audio_encoder, model.audio_projector)
+        return model.eval()
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.decoder.tie_weights()
@@ -162,14 +178,22 @@ def load_model(
     return model.eval()
 
 
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _check_materialised(*modules: torch.nn.Module) -> None:
+    leftovers = [n for m in modules for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise CheckpointError(f"Tensors left uninitialised after loading: {leftovers[:8]}")
+
+
 def _materialise_buffers(model: MiDashengLM, device: str | torch.device) -> None:
     """Recreate non-persistent buffers (rotary frequencies) that were built on the meta device."""
     rotary = model.decoder.model.rotary_emb
     with torch.device(device):
         model.decoder.model.rotary_emb = type(rotary)(config=model.decoder.config)
-    leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftovers:
-        raise CheckpointError(f"Tensors left uninitialised after loading: {leftovers[:8]}")
+    _check_materialised(model)
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[dict[str, torch.Tensor]]:

@@ -137,7 +137,9 @@ class StreamingEncoderSession:
     def __init__(self, encoder_cfg: EncoderConfig, subsample_factor: int = 5) -> None:
         encoder_cfg.validate()
         if not encoder_cfg.center:
-            raise ValueError("Streaming reproduces the centred (reflect-padded) STFT; config has center=False.")
+            raise ValueError(
+                "Streaming reproduces the centred (reflect-padded) STFT; config has center=False."
+            )
         if subsample_factor < 1:
             raise ValueError(f"subsample_factor must be at least 1, got {subsample_factor}.")
         self.cfg = encoder_cfg
@@ -274,7 +276,9 @@ class StreamingEncoderSession:
                 out.append(job)
         return out
 
-    def complete(self, job: WindowJob, features: torch.Tensor, projector: AudioProjector) -> list[TokenUpdate]:
+    def complete(
+        self, job: WindowJob, features: torch.Tensor, projector: AudioProjector
+    ) -> list[TokenUpdate]:
         """Take ``features`` ((P, D) encoder output of ``job``, P = T // 4) and project tokens.
 
         Returns the new final tokens (each emitted once, in order; empty while an earlier window's
@@ -344,7 +348,9 @@ class StreamingEncoderSession:
         self._open_revision = 0
         self._tentative, self._tentative_at, self._tentative_done = None, -1, -1
         # The next window's first frame reads from 256 samples before its start.
-        self._buf.drop_before(self._hop * self._win_frames * self._closed - self._half, self._closes_at(0) + 512)
+        self._buf.drop_before(
+            self._hop * self._win_frames * self._closed - self._half, self._closes_at(0) + 512
+        )
 
     def _tentative_job(self) -> WindowJob | None:
         j, n = self._closed, self._buf.end
@@ -369,7 +375,9 @@ class StreamingEncoderSession:
             return None
         return self._tentative
 
-    def _complete_final(self, job: WindowJob, features: torch.Tensor, projector: AudioProjector) -> list[TokenUpdate]:
+    def _complete_final(
+        self, job: WindowJob, features: torch.Tensor, projector: AudioProjector
+    ) -> list[TokenUpdate]:
         pending = self._pending.get(job.window_index)
         if pending is None or pending.revision != job.revision:
             return []  # unknown or already completed: at-least-once delivery is idempotent
@@ -442,7 +450,9 @@ def run_jobs(encoder: DashengEncoder, jobs: Sequence[WindowJob]) -> list[torch.T
     cfg = encoder.cfg
     for job in jobs:
         if not 0 < job.mel.shape[1] <= cfg.target_length or job.mel.shape[0] != cfg.n_mels:
-            raise ValueError(f"window job mel of shape {tuple(job.mel.shape)} does not fit one encoder window")
+            raise ValueError(
+                f"window job mel of shape {tuple(job.mel.shape)} does not fit one encoder window"
+            )
     device = next(encoder.parameters()).device
     batched = [i for i, job in enumerate(jobs) if job.valid_patches > 0]
     groups = [batched] if batched else []
@@ -452,7 +462,9 @@ def run_jobs(encoder: DashengEncoder, jobs: Sequence[WindowJob]) -> list[torch.T
         for group in groups:
             width = max(jobs[i].mel.shape[1] for i in group)
             mels = [jobs[i].mel.float() for i in group]
-            mel = torch.stack([F.pad(m, (0, width - m.shape[1]), value=float(m.min())) for m in mels]).to(device)
+            mel = torch.stack([F.pad(m, (0, width - m.shape[1]), value=float(m.min())) for m in mels]).to(
+                device
+            )
             lengths = torch.tensor([jobs[i].valid_patches for i in group], dtype=torch.long, device=device)
             feats, _ = encoder.encode_patches(mel, lengths)
             for row, i in enumerate(group):

@@ -396,3 +396,15 @@ def test_unknown_text_model_type_is_a_config_error(tmp_path: Path, tiny_ckpt: Pa
     data["text_config"]["model_type"] = "mistral"
     with pytest.raises(ConfigError, match="mistral"):
         MiDashengLMConfig.from_dict(data)
+
+
+def test_audio_only_load_skips_the_decoder(tiny_ckpt: Path) -> None:
+    full = load_model(tiny_ckpt)
+    audio = load_model(tiny_ckpt, audio_only=True)
+    assert audio.decoder.model.embed_tokens.weight.is_meta  # no memory for the decoder
+    assert not any(p.is_meta for p in audio.audio_encoder.parameters())
+    x = torch.randn(2, 40000) * 0.1
+    lengths = torch.tensor([40000, 25000])
+    a, ma = audio.encode_audio(x, lengths)
+    b, mb = full.encode_audio(x, lengths)
+    assert torch.equal(a, b) and torch.equal(ma, mb)

@@ -1,0 +1,349 @@
+"""The gateway's web side: the live page, the monitoring view, WebRTC offers and session read-outs.
+
+Runs an aiohttp application on its own asyncio loop in its own thread, beside the gRPC server of
+the same gateway process. Every ``/api/`` route needs ``Authorization: Bearer TOKEN`` when the
+gateway has a token; pages, static files and ``/healthz`` are open. Errors are JSON ``{"error"}``.
+
+Routes: ``GET /``, ``GET /monitor``, ``GET /static/...``, ``GET /healthz``, ``GET /api/config``,
+``POST /api/webrtc/offer``, ``GET /api/sessions``, ``GET /api/sessions/{sid}/captions.vtt|json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from aiohttp import web
+from aiortc import RTCIceServer
+
+from services.audio.subtitles import TimedCaption, to_webvtt
+from services.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.gateway.live import Event, LiveGateway
+from services.gateway.webrtc import (
+    WebRtcIngest,
+    WebRtcLimits,
+    event_json,
+    ice_server_json,
+    settings_from_json,
+)
+from services.streaming.settings import SessionSettings
+from services.transport import keys
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+MAX_LISTED_SESSIONS = 200  # /api/sessions shows at most this many active sessions
+RECENT_SECONDS = 60.0  # ended sessions stay on the monitoring view this long
+LATEST_SCAN = 50  # newest caption-stream entries read per session to find its latest caption
+MAX_OFFER_BYTES = 256 * 1024
+START_TIMEOUT_S = 10.0
+_SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+def _entry_time(entry_id: str) -> float:
+    return int(entry_id.split("-")[0]) / 1000.0
+
+
+def final_captions(events: Sequence[Event]) -> list[TimedCaption]:
+    """The final caption of every segment, in stream order (a redelivered final replaces the earlier)."""
+    finals: dict[int, TimedCaption] = {}
+    for ev in events:
+        f = ev.fields
+        if ev.type == "caption" and f.get("is_final") == "1":
+            finals[int(f["segment_id"])] = TimedCaption(float(f["window_start"]), float(f["window_end"]),
+                                                        f.get("text", ""))
+    return [finals[k] for k in sorted(finals)]
+
+
+class SessionReader:
+    """Reads session state for the monitoring view and downloads (blocking Redis; run in a thread)."""
+
+    def __init__(self, gateway: LiveGateway, ingest: WebRtcIngest) -> None:
+        self.gateway = gateway
+        self.redis = gateway.redis
+        self.ingest = ingest
+        self._seen: set[str] = set()
+        self._ended: dict[str, float] = {}  # sid -> unix time it left the active set
+        self._lock = threading.Lock()
+
+    def all_events(self, sid: str) -> list[Event]:
+        if not set(sid) <= _SAFE_ID or not sid or len(sid) > 64:
+            raise NotFound(f"session {sid!r} does not exist")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(keys.session_config(sid))
+        pipe.xrange(keys.session_captions(sid), "-", "+", count=self.gateway.defaults.captions_maxlen)
+        exists, entries = pipe.execute()
+        if not exists and not entries:
+            raise NotFound(f"session {sid} does not exist or has expired")
+        return [Event(i.decode(), _decode(f)) for i, f in entries]
+
+    def summary(self, sid: str, config: dict[str, str], entries: list[tuple[bytes, dict[bytes, bytes]]],
+                now: float, active: bool) -> dict[str, Any]:
+        latest: dict[str, Any] | None = None
+        latest_final: dict[str, Any] | None = None
+        ended: dict[str, Any] | None = None
+        audio_seconds = 0.0
+        for raw_id, raw in entries:  # newest first
+            ev = Event(raw_id.decode(), _decode(raw))
+            msg = event_json(ev)
+            if msg["type"] == "ended" and ended is None:
+                ended = msg
+            if msg["type"] != "caption":
+                continue
+            msg["age_seconds"] = round(max(0.0, now - _entry_time(ev.id)), 1)
+            audio_seconds = max(audio_seconds, msg["audio_seconds"])
+            if latest is None:
+                latest = msg
+            if msg["is_final"] and latest_final is None:
+                latest_final = msg
+            if latest is not None and latest_final is not None:
+                break
+        local = self.ingest.session(sid)
+        if local is not None:
+            audio_seconds = max(audio_seconds, local.seconds)
+        created = float(config.get("created", 0) or 0)
+        return {
+            "id": sid, "active": active, "started": created, "age_seconds": round(now - created, 1) if created else None,
+            "audio_seconds": round(audio_seconds, 2), "webrtc": local is not None,
+            "prompt": config.get("prompt", ""), "adapter": config.get("adapter", ""),
+            "window_seconds": float(config.get("window_seconds", 0) or 0),
+            "hop_seconds": float(config.get("hop_seconds", 0) or 0),
+            "latest": latest, "latest_final": latest_final,
+            "ended": None if ended is None else {"reason": ended["reason"]},
+            "ended_at": self._ended.get(sid),
+        }
+
+    def sessions(self) -> dict[str, Any]:
+        now = time.time()
+        raw = cast(list[bytes], self.redis.zrevrange(keys.ACTIVE_SESSIONS, 0, MAX_LISTED_SESSIONS - 1))
+        active = [r.decode() for r in raw]
+        with self._lock:
+            for sid in self._seen - set(active):
+                self._ended.setdefault(sid, now)
+            for sid, (t, _reason) in list(self.ingest.recently_ended.items()):
+                if sid not in active:
+                    self._ended.setdefault(sid, t)
+            self._seen = set(active)
+            for sid, t in list(self._ended.items()):
+                if now - t > RECENT_SECONDS or sid in self._seen:
+                    del self._ended[sid]
+            recent = sorted(self._ended, key=self._ended.__getitem__, reverse=True)
+        ids = active + recent
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in ids:
+            pipe.hgetall(keys.session_config(sid))
+            pipe.xrevrange(keys.session_captions(sid), "+", "-", count=LATEST_SCAN)
+        res = pipe.execute()
+        out = []
+        for i, sid in enumerate(ids):
+            config, entries = _decode(res[2 * i]), res[2 * i + 1]
+            if not config and not entries:
+                continue  # expired
+            out.append(self.summary(sid, config, entries, now, active=i < len(active)))
+        return {"now": now, "sessions": [s for s in out if s["active"]],
+                "recent": [s for s in out if not s["active"]]}
+
+
+class HttpApp:
+    """Handlers of the web application (one instance per gateway)."""
+
+    def __init__(self, gateway: LiveGateway, ingest: WebRtcIngest, token: str | None) -> None:
+        self.gateway = gateway
+        self.ingest = ingest
+        self.token = token or None
+        self.reader = SessionReader(gateway, ingest)
+
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[self.errors], client_max_size=MAX_OFFER_BYTES)
+        app.router.add_get("/", self.page("index.html"))
+        app.router.add_get("/monitor", self.page("monitor.html"))
+        app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/api/config", self.config)
+        app.router.add_post("/api/webrtc/offer", self.offer)
+        app.router.add_get("/api/sessions", self.sessions)
+        app.router.add_get("/api/sessions/{sid}/captions.vtt", self.captions_vtt)
+        app.router.add_get("/api/sessions/{sid}/captions.json", self.captions_json)
+        return app
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Named errors -> 4xx/503 JSON; anything unexpected -> 500 JSON, logged with a traceback."""
+        try:
+            if request.path.startswith("/api/"):
+                self._check_auth(request)
+            return await handler(request)
+        except Unauthenticated as e:
+            resp = _error(401, str(e))
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        except InvalidArgument as e:
+            return _error(400, str(e))
+        except NotFound as e:
+            return _error(404, str(e))
+        except ResourceExhausted as e:
+            return _error(503, str(e))
+        except web.HTTPException as e:
+            if request.path.startswith("/api/") and e.status >= 400:
+                return _error(e.status, e.reason)
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal error; see the gateway log")
+
+    def _check_auth(self, request: web.Request) -> None:
+        if not self.token:
+            return
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            raise Unauthenticated("this gateway requires an 'Authorization: Bearer <token>' header"
+                                  if not got else "the access token is not valid")
+
+    def page(self, name: str) -> Handler:
+        path = STATIC_DIR / name
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+        return handler
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def config(self, request: web.Request) -> web.Response:
+        d, lim = SessionSettings(), self.gateway.limits
+        return web.json_response({
+            "ice_servers": [ice_server_json(s) for s in self.ingest.ice_servers],
+            "defaults": {"prompt": d.prompt, "window_seconds": d.window_seconds, "hop_seconds": d.hop_seconds,
+                         "interim_results": d.interim_results, "adapter": d.adapter},
+            "limits": {"max_prompt_chars": lim.max_prompt_chars, "max_session_seconds": lim.max_session_seconds,
+                       "inactivity_seconds": self.ingest.limits.inactivity_seconds},
+        })
+
+    async def offer(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"the request body must be JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise InvalidArgument("the request body must be a JSON object {sdp, type, config}")
+        sdp, kind = body.get("sdp"), body.get("type")
+        if not isinstance(sdp, str) or not isinstance(kind, str):
+            raise InvalidArgument("'sdp' and 'type' must be strings")
+        settings = settings_from_json(body.get("config"))
+        try:
+            answer, answer_type, sid = await asyncio.wait_for(self.ingest.offer(sdp, kind, settings), START_TIMEOUT_S)
+        except TimeoutError as e:
+            raise ResourceExhausted(f"the session could not be started within {START_TIMEOUT_S:.0f} s") from e
+        return web.json_response({"sdp": answer, "type": answer_type, "session_id": sid})
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        data = await asyncio.get_running_loop().run_in_executor(None, self.reader.sessions)
+        return web.json_response(data, headers={"Cache-Control": "no-store"})
+
+    async def _events(self, request: web.Request) -> list[Event]:
+        sid = request.match_info["sid"]
+        return await asyncio.get_running_loop().run_in_executor(None, self.reader.all_events, sid)
+
+    async def captions_vtt(self, request: web.Request) -> web.Response:
+        events = await self._events(request)
+        sid = request.match_info["sid"]
+        return web.Response(text=to_webvtt(final_captions(events)), content_type="text/vtt", charset="utf-8",
+                            headers={"Content-Disposition": f'attachment; filename="{sid}.vtt"'})
+
+    async def captions_json(self, request: web.Request) -> web.Response:
+        events = await self._events(request)
+        sid = request.match_info["sid"]
+        body = {"session_id": sid, "events": [event_json(ev) for ev in events],
+                "finals": [{"start": c.start, "end": c.end, "text": c.text} for c in final_captions(events)]}
+        return web.Response(text=json.dumps(body, ensure_ascii=False, indent=1), content_type="application/json",
+                            headers={"Content-Disposition": f'attachment; filename="{sid}.json"'})
+
+
+@dataclass
+class HttpServer:
+    """A running web server: its port, loop and thread; ``stop()`` closes every peer first."""
+
+    port: int
+    ingest: WebRtcIngest
+    loop: asyncio.AbstractEventLoop
+    runner: web.AppRunner
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.thread.is_alive():
+            return
+
+        async def shutdown() -> None:
+            await self.ingest.shutdown()
+            await self.runner.cleanup()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout)
+        except Exception:
+            log.exception("stopping the web server did not finish cleanly")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def start_http(gateway: LiveGateway, host: str, port: int, token: str | None = None,
+               ice_servers: Sequence[RTCIceServer] | None = None, limits: WebRtcLimits | None = None) -> HttpServer:
+    """Start the web server on its own loop and thread; returns once it listens."""
+    loop = asyncio.new_event_loop()
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            ingest = WebRtcIngest(gateway, ice_servers or (), limits)
+            runner = web.AppRunner(HttpApp(gateway, ingest, token).build(), access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, host, port)
+            loop.run_until_complete(site.start())
+            started.update(ingest=ingest, runner=runner, port=runner.addresses[0][1])
+        except BaseException as e:
+            started["error"] = e
+            ready.set()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    thread = threading.Thread(target=run, name="gateway-http", daemon=True)
+    thread.start()
+    if not ready.wait(30.0):
+        raise TimeoutError("the web server did not start within 30 s")
+    if "error" in started:
+        raise started["error"]
+    log.info("web page on http://%s:%d/", host, started["port"])
+    return HttpServer(started["port"], started["ingest"], loop, started["runner"], thread)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidArgument(f"--http must be HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
