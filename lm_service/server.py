@@ -138,12 +138,16 @@ class LMServer:
 
 
 def build_engine(model_dir: str | None, device: str = "auto", dtype: str | None = None,
-                 adapters_dir: str | Path | None = None) -> SimpleEngine:
+                 adapters_dir: str | Path | None = None, adapters_redis_url: str | None = None) -> SimpleEngine:
     dev = pick_device(device)
     path = resolve_model_dir(model_dir)
     model = load_model(path, dtype=dtype or ("bfloat16" if dev.type == "cuda" else "float32"), device=dev)
     processor = MiDashengProcessor(load_tokenizer(path), model.config)
     loader = adapter_loader_from_dir(path, adapters_dir) if adapters_dir else None
+    if adapters_redis_url:  # the jobs service's registry: adapters load on first use (bounded cache)
+        from services.jobs.store import adapter_loader_from_registry
+
+        loader = adapter_loader_from_registry(adapters_redis_url, path)
     return SimpleEngine(model, processor, adapter_loader=loader)
 
 
@@ -183,13 +187,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="live worker loops in this process")
     p.add_argument("--worker-id", default=None, help="worker id prefix (default: random)")
     p.add_argument("--adapters-dir", default=None, help="directory of LoRA adapters (NAME/adapter_config.json)")
+    p.add_argument("--adapters-from-redis", action="store_true",
+                   help="load adapters by name from the jobs registry in Redis (instead of --adapters-dir)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
-    engine = build_engine(args.model, args.device, args.dtype, args.adapters_dir)
+    registry = redis_url_from(args.redis_url) if args.adapters_from_redis else None
+    engine = build_engine(args.model, args.device, args.dtype, args.adapters_dir, registry)
     srv = start_lm_server(engine, redis_url_from(args.redis_url), args.listen, args.workers,
                           worker_prefix=args.worker_id)
     serve_metrics(args.metrics_port)

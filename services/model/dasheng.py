@@ -37,9 +37,9 @@ class Fp32BatchNorm2d(nn.BatchNorm2d):
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(
-            cfg.input_channels, cfg.embed_dim, kernel_size=tuple(cfg.patch_size), stride=tuple(cfg.patch_stride)
-        )
+        kernel = (cfg.patch_size[0], cfg.patch_size[1])
+        stride = (cfg.patch_stride[0], cfg.patch_stride[1])
+        self.proj = nn.Conv2d(cfg.input_channels, cfg.embed_dim, kernel_size=kernel, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)  # (B, 1, F, T) -> (B, D, 1, T // 4)

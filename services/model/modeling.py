@@ -62,11 +62,16 @@ class MiDashengLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.audio_projector.net[0].weight.dtype
+        return self._first_linear().weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.audio_projector.net[0].weight.device
+        return self._first_linear().weight.device
+
+    def _first_linear(self) -> nn.Linear:
+        layer = self.audio_projector.net[0]
+        assert isinstance(layer, nn.Linear)
+        return layer
 
     def token_count(self, num_samples: int) -> int:
         enc = self.config.audio_encoder_config

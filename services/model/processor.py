@@ -46,7 +46,7 @@ class ModelInputs:
 
     def to(self, device: torch.device | str) -> ModelInputs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return ModelInputs(**{k: (v.to(device) if v is not None else None) for k, v in moved.items()})
+        return ModelInputs(**{k: (v.to(device) if v is not None else None) for k, v in moved.items()})  # type: ignore[arg-type]
 
 
 def prepare_audio(audio: np.ndarray | torch.Tensor) -> torch.Tensor:

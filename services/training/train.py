@@ -183,7 +183,7 @@ class Trainer:
             )
             mcfg = tiny_config(
                 vocab_size=len(tokenizer),
-                audio_token_id=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+                audio_token_id=tokenizer.get_vocab()["<|AUDIO|>"],
                 **ARCHITECTURES[cfg.architecture],
             )
             model = build_model(mcfg, "cpu")
@@ -208,7 +208,7 @@ class Trainer:
     @property
     def base_model(self) -> MiDashengLM:
         """The MiDashengLM inside a peft wrapper (or the model itself)."""
-        m = self.model
+        m: Any = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m  # type: ignore[no-any-return]
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,15 @@ SR = 16000
 WIN_SAMPLES = 161280  # 1008 frames * 160 = 10.08 s
 CLOSE_0 = WIN_SAMPLES + 96  # samples that close window 0 (its last frame's right context)
 ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is several times faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,103 @@
+"""The page in a real browser: headless Debian Chromium plays a WAV as its microphone; the live caption
+must name the tone, then follow the change to noise; the monitoring view must show the session."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from services.training.synth import render_sound, types_in_caption
+from tests.gateway.test_http import models, running_stack  # noqa: F401  (models is a fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+RATE = 48000  # Hz, the WAV Chromium plays as the microphone
+PART_SECONDS = 12.0  # s of tone, then s of noise (Chromium loops the file)
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+pytestmark = pytest.mark.slow
+
+
+def write_wav(path: Path) -> None:
+    rng = np.random.default_rng(7)
+    n = int(PART_SECONDS * RATE)
+    audio = np.concatenate([render_sound("high_tone", rng, n, sr=RATE), render_sound("white_noise", rng, n, sr=RATE)])
+    sf.write(path, audio, RATE, subtype="PCM_16")
+
+
+def wait_caption(page: Any, pred: Callable[[list[str]], bool], timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        text = page.get_by_test_id("live-caption").inner_text()
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        if pred(types_in_caption(text)):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"the live caption did not name {what} within {timeout:.0f} s; it showed {seen[-10:]}")
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+def test_microphone_to_live_captions_in_chromium(redis_url: str, models: tuple[Any, Any],  # noqa: F811
+                                                 tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    wav = tmp_path / "tone_then_noise.wav"
+    write_wav(wav)
+    ARTIFACTS.mkdir(exist_ok=True)
+    profile = tmp_path / "profile"
+    args = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}"]
+    with running_stack(redis_url, models) as stack, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                        args=args)
+        try:
+            page = browser.new_page()
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.goto(f"{stack.base}/")
+            page.get_by_label("Window (seconds)").fill("4")
+            page.get_by_label("Update every (seconds)").fill("1")
+            start = page.get_by_test_id("start-mic")
+            start.focus()
+            page.keyboard.press("Enter")  # keyboard-usable: a real button
+            page.wait_for_function("document.querySelector('[data-testid=state]').textContent === 'live'",
+                                   timeout=20_000)
+            sid = page.get_by_test_id("session-id").inner_text()
+            assert sid
+
+            tone = wait_caption(page, lambda t: "high_tone" in t, 25, "the high tone")
+            noise = wait_caption(page, lambda t: "white_noise" in t and "high_tone" not in t, 30,
+                                 "the white noise (after the tone)")
+            assert page.get_by_test_id("live-revision").is_visible()
+
+            monitor = browser.new_page()
+            monitor.goto(f"{stack.base}/monitor")
+            card = monitor.locator(f'[data-testid="session-card"][data-session="{sid}"]')
+            card.wait_for(timeout=10_000)
+            monitor.wait_for_function(
+                "sid => { const c = document.querySelector(`[data-session='${sid}'] [data-testid=card-age]`);"
+                " return c && / ago$/.test(c.textContent); }", arg=sid, timeout=10_000)
+            assert card.get_by_test_id("card-caption").inner_text().strip()
+            monitor.close()
+
+            page.wait_for_function("document.querySelectorAll('[data-testid=history] li').length > 0",
+                                   timeout=20_000)
+            page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+            page.get_by_test_id("stop").click()
+            page.wait_for_function("['ended', 'idle'].includes(document.querySelector('[data-testid=state]')"
+                                   ".textContent)", timeout=15_000)
+            history = page.get_by_test_id("history").inner_text()
+            assert "[00:00–00:04]" in history, history
+            assert not [c for c in console if c.startswith("error")], console
+            print(f"tone caption: {tone!r}; noise caption: {noise!r}")
+        finally:
+            browser.close()
+            shutil.rmtree(profile, ignore_errors=True)
