@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from services import metrics
 from services.errors import InvalidArgument, NotFound
 from services.model.generation import GenerationOptions, generate, generate_from_audio_embeds
 from services.model.modeling import MiDashengLM
@@ -113,7 +114,7 @@ class SimpleEngine:
                 part = order[start : start + self.max_batch]
                 inputs = self.processor([build_prompt(prompt)] * len(part), [audios[i] for i in part])
                 rows = generate(model, inputs, self.processor.stop_ids(), options, pad_id=self.processor.pad_id)
-                self.tokens_generated += sum(len(r) for r in rows)
+                self._count(rows)
                 for i, r in zip(part, rows, strict=True):
                     results[i] = (self.processor.decode(r), len(r))
             out = [results[i] for i in range(len(audios))]
@@ -129,8 +130,13 @@ class SimpleEngine:
             model, ids, attention, audio, torch.tensor(counts), self.processor.stop_ids(), options,
             pad_id=self.processor.pad_id,
         )
-        self.tokens_generated += sum(len(r) for r in rows)
+        self._count(rows)
         return [self.processor.decode(r) for r in rows]
+
+    def _count(self, rows: Sequence[Sequence[int]]) -> None:
+        n = sum(len(r) for r in rows)
+        self.tokens_generated += n
+        metrics.GENERATED_TOKENS.inc(n)
 
 
 def adapter_loader_from_dir(base_model_dir: str | Path, adapters_dir: str | Path) -> Callable[[str], MiDashengLM]:

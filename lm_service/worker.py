@@ -144,6 +144,13 @@ class LMWorker:
                 break
         self.sessions[sid] = OwnedSession(sid, schedule, stream)
 
+    def _report_pending(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for s in self.sessions.values():
+            pipe.xpending(s.stream, GROUP)
+        total = sum(int(r["pending"]) for r in pipe.execute() if isinstance(r, dict))
+        metrics.PENDING.labels(stream="tokens").set(total)
+
     def _end_with_error(self, sid: str, message: str) -> None:
         self.streams.add(keys.session_captions(sid), {"type": "error", "message": message, "fatal": "1"},
                          self.defaults.captions_maxlen)
@@ -159,6 +166,7 @@ class LMWorker:
         if now - self._last_scan >= self.defaults.heartbeat_ms / 1000 / 2:
             self._last_scan = now
             self.adopt_free_sessions()
+            self._report_pending()
         if not self.sessions:
             time.sleep((block_ms or self.defaults.block_ms) / 1000)
             return 0

@@ -52,9 +52,9 @@ class JobsAPI:
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
 
-    def list(self, page_size: int = 0, page_token: str = "",
+    def list_jobs(self, page_size: int = 0, page_token: str = "",
              statuses: tuple[JobStatus, ...] = ()) -> tuple[list[Job], str]:
-        return self.store.list(page_size, page_token, statuses)
+        return self.store.list_jobs(page_size, page_token, statuses)
 
     def cancel(self, job_id: str) -> Job:
         return self.store.request_cancel(job_id)

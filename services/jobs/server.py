@@ -133,7 +133,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         statuses = tuple(_STATUS_FROM_PB[s] for s in request.statuses if s in _STATUS_FROM_PB)
         if request.statuses and not statuses:
             return jobs_pb2.ListJobsResponse()  # only JOB_STATUS_UNSPECIFIED: matches nothing
-        jobs, token = self.api.list(request.page_size, request.page_token, statuses)
+        jobs, token = self.api.list_jobs(request.page_size, request.page_token, statuses)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
     @rpc.unary

@@ -217,7 +217,7 @@ class JobStore:
                 pass  # a worker started it meanwhile; it sees the flag within a step
         return self.get(job_id)
 
-    def list(self, page_size: int = 0, page_token: str = "",
+    def list_jobs(self, page_size: int = 0, page_token: str = "",
              statuses: Iterable[JobStatus] = ()) -> tuple[list[Job], str]:
         """A page of jobs, newest first, and the token of the next page ("" = last page)."""
         size = min(max(page_size or self.defaults.page_size, 1), self.defaults.max_page_size)
