@@ -13,7 +13,7 @@ from services.errors import MidashengError
 def build_parser() -> argparse.ArgumentParser:
     from encoder_service import server as encoder_server
     from lm_service import server as lm_server
-    from services.cli import adapters, caption, evaluate, jobs, stream, synth, train, up
+    from services.cli import adapters, caption, evaluate, jobs, stream, synth, train, up, watch
     from services.gateway import server as gateway_server
 
     parser = argparse.ArgumentParser(
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (up, caption, stream, synth, train, evaluate, gateway_server, encoder_server, lm_server,
+    for module in (up, caption, stream, watch, synth, train, evaluate, gateway_server, encoder_server, lm_server,
                    jobs, adapters):
         module.add_parser(sub)
     return parser

@@ -67,27 +67,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def print_event(resp: captions_pb2.StreamCaptionsResponse, as_json: bool = False) -> None:
+    kind = resp.WhichOneof("response")
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps({kind: MessageToDict(getattr(resp, kind), preserving_proto_field_name=True)}), flush=True)
+    elif kind == "started":
+        print(f"# session {resp.started.session_id}", flush=True)
+    elif kind == "caption":
+        c = resp.caption
+        tag = "final" if c.is_final else f"interim r{c.revision}"
+        print(f"[{_clock(c.window_start_seconds)}-{_clock(c.window_end_seconds)}] ({tag}) {c.text}", flush=True)
+    elif kind == "error":
+        print(f"# error: {resp.error.message}", file=sys.stderr, flush=True)
+    elif kind == "ended":
+        print(f"# ended after {resp.ended.total_audio_seconds:.1f} s of audio", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         for resp in stream_file(args.file, args.server, args.speed, args.interim, args.window, args.hop,
                                 args.prompt, args.adapter, args.token, args.timeout):
-            kind = resp.WhichOneof("response")
-            if args.json:
-                from google.protobuf.json_format import MessageToDict
-
-                print(json.dumps({kind: MessageToDict(getattr(resp, kind), preserving_proto_field_name=True)}),
-                      flush=True)
-                continue
-            if kind == "started":
-                print(f"# session {resp.started.session_id}", flush=True)
-            elif kind == "caption":
-                c = resp.caption
-                tag = "final" if c.is_final else f"interim r{c.revision}"
-                print(f"[{_clock(c.window_start_seconds)}-{_clock(c.window_end_seconds)}] ({tag}) {c.text}", flush=True)
-            elif kind == "error":
-                print(f"# error: {resp.error.message}", file=sys.stderr, flush=True)
-            elif kind == "ended":
-                print(f"# ended after {resp.ended.total_audio_seconds:.1f} s of audio", flush=True)
+            print_event(resp, args.json)
     except grpc.RpcError as e:
         print(f"midasheng stream: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -345,3 +345,78 @@ def test_vanished_and_closed_peers_are_cleaned_up(redis_url: str, models: tuple[
             assert {r for _, (_, r) in web.ingest.recently_ended.items()} >= {"idle"}
         finally:
             web.stop()
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.readyState = "open"
+        self.bufferedAmount = 0
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, data: str) -> None:
+        self.sent.append(json.loads(data))
+
+
+def test_backed_up_channel_holds_interims_but_never_finals() -> None:
+    from types import SimpleNamespace
+
+    from services.gateway.webrtc import Peer
+
+    async def scenario() -> list[dict[str, Any]]:
+        peer = Peer(SimpleNamespace(limits=WebRtcLimits(high_water_bytes=1000)), None)  # type: ignore[arg-type]
+        ch = FakeChannel()
+        peer.channel = ch  # type: ignore[assignment]
+
+        def cap(seg: int, rev: int, final: bool) -> dict[str, Any]:
+            return {"type": "caption", "segment_id": seg, "revision": rev, "is_final": final, "text": f"{seg}.{rev}"}
+
+        peer.deliver(cap(0, 1, False))
+        ch.bufferedAmount = 5000  # the browser is not reading fast enough
+        peer.deliver(cap(0, 2, False))
+        peer.deliver(cap(0, 3, False))
+        peer.flush_pending()  # still backed up: nothing
+        ch.bufferedAmount = 0
+        peer.flush_pending()  # only the newest held interim goes out
+        ch.bufferedAmount = 5000
+        peer.deliver(cap(1, 1, False))
+        peer.deliver(cap(1, 2, True))  # a final always goes out and supersedes the held interim
+        peer.deliver({"type": "ended", "reason": "end_of_stream"})
+        ch.bufferedAmount = 0
+        peer.flush_pending()
+        return ch.sent
+
+    sent = asyncio.run(scenario())
+    assert [m.get("text", m["type"]) for m in sent] == ["0.1", "0.3", "1.2", "ended"]
+
+
+def test_at_capacity_offers_get_503_and_capacity_returns(redis_url: str, models: tuple[Any, Any]) -> None:
+    from services.gateway.live import GatewayLimits, LiveGateway
+
+    with running_stack(redis_url, models) as s:
+        small = LiveGateway(s.gateway.gateway.redis, s.gateway.encoder, GatewayLimits(max_sessions=1))
+        web = start_http(small, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{web.port}"
+        try:
+            async def scenario() -> None:
+                first = Client(base, SoundTrack(sounds(("mid_tone", 5.0))))
+                await first.connect()
+                await first.wait_for(lambda m: m["type"] == "started", 10, "started message")
+                second = Client(base, SoundTrack(sounds(("mid_tone", 5.0))))
+                await second.pc.setLocalDescription(await second.pc.createOffer())
+                body = {"sdp": second.pc.localDescription.sdp, "type": "offer"}
+                status, _, raw = await asyncio.to_thread(http, "POST", f"{base}/api/webrtc/offer", body)
+                assert status == 503 and "maximum" in json.loads(raw)["error"]
+                await second.pc.close()
+                await first.pc.close()
+                deadline = time.monotonic() + 10
+                while len(small):
+                    assert time.monotonic() < deadline, "session not released"
+                    await asyncio.sleep(0.1)
+                third = Client(base, SoundTrack(sounds(("mid_tone", 5.0))))
+                await third.connect()
+                await third.wait_for(lambda m: m["type"] == "started", 10, "started message")
+                await third.pc.close()
+
+            asyncio.run(scenario())
+        finally:
+            web.stop()
