@@ -42,6 +42,13 @@ async def publish(path: str, url: str, config: dict[str, Any] | None = None, tok
 
         if player.audio is None:
             raise ValueError(f"{path} has no audio track")
+
+        @player.audio.on("ended")
+        def _on_file_end() -> None:
+            # WebRTC carries no end-of-track signal: tell the server the audio is over.
+            if channel.readyState == "open":
+                channel.send(json.dumps({"type": "stop"}))
+
         pc.addTrack(player.audio)
         await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers candidates here
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -6,11 +6,12 @@ in a bounded buffer (oldest audio dropped and counted when the encoder falls beh
 the session in ~160 ms chunks from a thread (``LiveSession.feed`` blocks on gRPC). Caption events
 are read from Redis and sent as JSON on the "captions" data channel the client opens.
 
-A peer ends when its connection state turns failed/closed (aiortc's ICE consent checks fail
-~30 s after a browser vanishes), when its track ends, when no audio frame arrived for
-``inactivity_seconds``, when the client sends ``{"type": "stop"}`` and the last caption is out, or
-at shutdown. Ending finalizes the session (the open window gets its final caption in Redis, so
-downloads are complete) and forgets it at the gateway.
+A peer ends gracefully (finalize, relay the last caption and "ended", then close) when the client
+sends ``{"type": "stop"}``, when its track ends, or when no audio frame arrived for
+``inactivity_seconds`` (a sender that vanished or stopped sending without closing). It closes at
+once when its connection state turns failed/closed (aiortc's ICE consent checks fail ~30 s after a
+browser vanishes) or at shutdown. Either way the session is finalized (the open window gets its
+final caption in Redis, so downloads are complete) and forgotten at the gateway.
 """
 
 from __future__ import annotations
@@ -245,8 +246,8 @@ class Peer:
             if self.buffer.size >= int(self.ingest.limits.chunk_seconds * SAMPLE_RATE):
                 self.audio_ready.set()
         log.info("session %s: audio track ended", self.sid)
-        if not self.stopping:
-            await self.close("track_ended")
+        if not self.stopping and not self.closed:
+            self.spawn(self.end("track_ended"), "end")
 
     async def feed_loop(self) -> None:
         lim = self.ingest.limits
@@ -318,11 +319,13 @@ class Peer:
         await asyncio.sleep(grace)
         await self.close(reason)
 
-    async def stop(self) -> None:
-        """Client "stop": feed what is buffered, finalize, let the relay send the last caption."""
+    async def end(self, reason: str) -> None:
+        """End gracefully (client "stop", idle, track end): feed what is buffered, finalize, let the
+        relay send the last caption and the "ended" message, then close."""
         if self.stopping or self.closed or self.session is None:
             return
         self.stopping = True
+        self.end_reason = self.end_reason or reason
         session, loop = self.session, asyncio.get_running_loop()
         try:
             rest = self.buffer.take(self.buffer.size)
@@ -334,7 +337,7 @@ class Peer:
             await self.close("error")
             return
         await asyncio.sleep(self.ingest.limits.end_wait_seconds)
-        await self.close("end_of_stream")  # the end event did not arrive in time
+        await self.close(reason)  # the end event did not arrive in time (or nobody relays it)
 
     def on_message(self, data: str | bytes) -> None:
         try:
@@ -342,7 +345,7 @@ class Peer:
         except (ValueError, UnicodeDecodeError):
             msg = None
         if isinstance(msg, dict) and msg.get("type") == "stop":
-            self.spawn(self.stop(), "stop")
+            self.spawn(self.end("end_of_stream"), "end")
         elif isinstance(msg, dict) and msg.get("type") == "ping":
             self.send({"type": "pong"})
         else:
@@ -357,9 +360,10 @@ class Peer:
             await asyncio.sleep(min(1.0, lim.inactivity_seconds / 4))
             if not self.stopping and time.monotonic() - self.last_frame > lim.inactivity_seconds:
                 log.info("session %s: no audio for %.0f s; closing the peer", self.sid, lim.inactivity_seconds)
-                self.send({"type": "error", "reason": "idle", "fatal": True,
-                           "message": f"no audio arrived for {lim.inactivity_seconds:.0f} s; the session was ended"})
-                await self.close("idle")
+                self.send({"type": "error", "reason": "idle", "fatal": False,
+                           "message": f"no audio arrived for {lim.inactivity_seconds:.0f} s; the session is being "
+                           "finalized and will end"})
+                await self.end("idle")
                 return
 
     async def close(self, reason: str) -> None:

@@ -334,6 +334,9 @@ def test_vanished_and_closed_peers_are_cleaned_up(redis_url: str, models: tuple[
                     await asyncio.sleep(0.1)
                 err = await quiet.wait_for(lambda m: m["type"] == "error", 10, "idle error")
                 assert err["reason"] == "idle" and "no audio" in err["message"]
+                ended = await quiet.wait_for(lambda m: m["type"] == "ended", 15, "ended message")
+                assert ended["reason"] == "end_of_stream"  # finalized: the open window got its final caption
+                assert any(m["type"] == "caption" and m["is_final"] for m in quiet.messages)
                 deadline = time.monotonic() + 10
                 while web.ingest.peers or len(gateway):
                     assert time.monotonic() < deadline, "quiet peer was not cleaned up"
