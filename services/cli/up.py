@@ -137,7 +137,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port (default: 50051)")
-    p.add_argument("--http-port", type=int, default=0, help="web page port (0 = off)")
+    p.add_argument("--http-port", type=int, default=8080, help="web page and WebRTC port (default: 8080; 0 = off)")
     p.add_argument("--lm-workers", type=int, default=1, help="live worker loops per LM process")
     p.add_argument("--lm-processes", type=int, default=1, help="LM processes (default: 1)")
     p.add_argument("--device", default="auto")
