@@ -43,6 +43,8 @@ class OwnedSession:
     schedule: CaptionSchedule
     stream: str
     failures: dict[str, int] = field(default_factory=dict)
+    gap_since: float | None = None  # when a publication arrived ahead of a missing seq
+    allow_gap: bool = False  # a poison entry was dead-lettered: the next seq gap is expected
 
 
 @dataclass
@@ -136,13 +138,9 @@ class LMWorker:
                 if msg.seq <= schedule.last_seq:
                     schedule.ingest(msg)
             log.info("took over session %s at seq %d", sid, schedule.last_seq)
-        # Pending publications of a dead owner become ours (we hold the lease, so idle time 0).
-        start = "0-0"
-        while True:
-            start, _, _ = self.streams.autoclaim(stream, GROUP, self.worker_id, 0, start=start, count=100)
-            if start in ("0-0", "0"):
-                break
-        self.sessions[sid] = OwnedSession(sid, schedule, stream)
+        session = OwnedSession(sid, schedule, stream)
+        self._claim_pending(session)  # a dead owner's pending publications become ours (we hold the lease)
+        self.sessions[sid] = session
 
     def _report_pending(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -189,14 +187,18 @@ class LMWorker:
             self._caption(work)
             for item in work:
                 self._apply(item)
+        elif entries and any(s.gap_since for s in self.sessions.values()):
+            time.sleep(0.02)  # waiting for a claimed publication: do not spin
         return len(entries)
 
     def _prepare(self, session: OwnedSession, entry: Entry) -> _Work | None:
         try:
+            if PAYLOAD_FIELD not in entry.fields:
+                raise InvalidArgument(f"stream entry has no {PAYLOAD_FIELD!r} field (fields: {sorted(entry.fields)})")
             sid, msg = decode_tokens(entry.fields[PAYLOAD_FIELD])
             if sid != session.sid:
                 raise InvalidArgument(f"publication for session {sid!r} found in the stream of {session.sid!r}")
-        except (InvalidArgument, KeyError) as e:
+        except InvalidArgument as e:
             self._poison(session, entry, str(e))
             return None
         sched = session.schedule
@@ -204,13 +206,32 @@ class LMWorker:
             self.streams.ack(entry.stream, GROUP, entry.id)  # already applied (redelivery)
             metrics.LM_DUPLICATES.inc()
             return None
+        if msg.seq > sched.last_seq + 1 and not session.allow_gap:
+            # An earlier publication is pending under another consumer (a stale owner read it just
+            # before losing the lease): claim it and retry in order; give up on it after a lease TTL.
+            now = time.monotonic()
+            session.gap_since = session.gap_since or now
+            if now - session.gap_since < self.defaults.lease_ttl_ms / 1000:
+                self._claim_pending(session)
+                return None  # stays pending under this worker; re-read in id order next step
+            log.error("session %s: publications %d..%d never arrived; continuing without them",
+                      session.sid, sched.last_seq + 1, msg.seq - 1)
+        session.gap_since, session.allow_gap = None, False
         sched.ingest(msg)
         plans = sched.plan(msg, commit=False)  # counters advance only once the events are durable
         lag = max(0.0, time.time() - entry_time(entry.id))
         metrics.QUEUE_LAG.observe(lag)
         return _Work(session, entry, msg, plans)
 
+    def _claim_pending(self, session: OwnedSession) -> None:
+        start = "0-0"
+        while True:
+            start, _, _ = self.streams.autoclaim(session.stream, GROUP, self.worker_id, 0, start=start, count=100)
+            if start in ("0-0", "0"):
+                return
+
     def _poison(self, session: OwnedSession, entry: Entry, reason: str) -> None:
+        session.allow_gap = True
         log.error("dead-lettering publication %s of session %s: %s", entry.id, session.sid, reason)
         self.streams.dead_letter(entry.stream, GROUP, entry, reason, deliveries=1)
         metrics.DEAD_LETTERS.inc()

@@ -110,7 +110,8 @@ def limits_pb(lim: GatewayLimits) -> captions_pb2.ServerLimits:
     )
 
 
-def event_pb(ev: Event) -> captions_pb2.StreamCaptionsResponse:
+def event_pb(ev: Event, last_caption_id: str = "", end_reason: str = "") -> captions_pb2.StreamCaptionsResponse:
+    """A caption-stream entry as a response; ``end_reason`` ("idle") overrides the end's reason."""
     f = ev.fields
     if ev.type == "caption":
         return captions_pb2.StreamCaptionsResponse(caption=captions_pb2.CaptionEvent(
@@ -121,10 +122,11 @@ def event_pb(ev: Event) -> captions_pb2.StreamCaptionsResponse:
     if ev.type == "error":
         return captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
             code=grpc.StatusCode.INTERNAL.value[0] if f.get("fatal") == "1" else grpc.StatusCode.DATA_LOSS.value[0],
-            message=f.get("message", ""), reason=f.get("reason", "lm"), fatal=f.get("fatal") == "1"))
+            message=f.get("message", ""), reason=f.get("reason", "CAPTION_WORKER"), fatal=f.get("fatal") == "1"))
+    reason = end_reason or f.get("reason", "")
     return captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(
-        reason=END_REASONS.get(f.get("reason", ""), captions_pb2.SessionEnded.REASON_UNSPECIFIED),
-        total_audio_seconds=float(f.get("audio_seconds", 0.0)), last_event_id=ev.id))
+        reason=END_REASONS.get(reason, captions_pb2.SessionEnded.REASON_UNSPECIFIED),
+        total_audio_seconds=float(f.get("audio_seconds", 0.0)), last_event_id=last_caption_id))
 
 
 _END = object()
@@ -167,24 +169,25 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         if first.WhichOneof("request") != "config":
             raise FailedPrecondition("the first message of StreamCaptions must be a SessionConfig")
         cfg = first.config
-        if cfg.resume_after_event_id and not cfg.session_id:
-            raise InvalidArgument("resume_after_event_id needs the session_id of the session to resume")
-        if cfg.session_id and cfg.resume_after_event_id:
+        if cfg.session_id:  # resume: replay events after resume_after_event_id (all when empty)
             session = self.gateway.resume(cfg.session_id)
+            cursor = cfg.resume_after_event_id or "0-0"
         else:
-            session = self.gateway.create(settings_from_pb(cfg), cfg.session_id)
-        cursor = cfg.resume_after_event_id or "0-0"
+            session = self.gateway.create(settings_from_pb(cfg))
+            cursor = "0-0"
+        generation = session.generation
         yield captions_pb2.StreamCaptionsResponse(started=captions_pb2.SessionStarted(
             session_id=session.sid, effective_config=effective_pb(session.sid, session.settings, cursor),
             limits=limits_pb(limits), resumed=session.resumed, last_seq=session.audio_seq))
-        yield from self._relay(session, inbox, cursor, context)
+        yield from self._relay(session, inbox, cursor, context, generation)
 
     def _relay(self, session: LiveSession, inbox: queue.Queue[object], cursor: str,
-               context: grpc.ServicerContext) -> Iterator[captions_pb2.StreamCaptionsResponse]:
+               context: grpc.ServicerContext, generation: int) -> Iterator[captions_pb2.StreamCaptionsResponse]:
         limits = self.gateway.limits
         client_done = False
         finished = False
         last_event = time.monotonic()
+        last_caption = cursor if cursor != "0-0" else ""
         try:
             while True:
                 # 1. the client's messages
@@ -202,34 +205,38 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                         self._handle(session, item)  # type: ignore[arg-type]
                 if not session.ended and time.monotonic() - session.last_activity > limits.idle_timeout_seconds:
                     log.info("session %s idle for %.0f s; finalizing", session.sid, limits.idle_timeout_seconds)
+                    session.end_reason = "idle"
                     session.finalize()
                     yield captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
-                        code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reason="idle",
+                        code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reason="IDLE_TIMEOUT",
                         message=f"no audio or keep-alive for {limits.idle_timeout_seconds:.0f} s; the session is "
                         "being finalized", fatal=False))
                 # 2. caption events
                 for ev in session.events(cursor, POLL_MS):
                     cursor, last_event = ev.id, time.monotonic()
-                    yield event_pb(ev)
+                    if ev.type == "caption":
+                        last_caption = ev.id
+                    yield event_pb(ev, last_caption, session.end_reason)
                     if ev.type == "end":
                         finished = True
                         return
                 if session.ended and time.monotonic() - last_event > END_TIMEOUT_S:
                     finished = True
                     yield captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
-                        code=grpc.StatusCode.UNAVAILABLE.value[0], reason="no_lm", fatal=True,
+                        code=grpc.StatusCode.UNAVAILABLE.value[0], reason="NO_CAPTION_WORKER", fatal=True,
                         message=f"no caption worker finished the session within {END_TIMEOUT_S:.0f} s"))
                     yield captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(
                         reason=captions_pb2.SessionEnded.ERROR, total_audio_seconds=session.seconds,
-                        last_event_id=cursor))
+                        last_event_id=last_caption))
                     return
                 if not context.is_active():
                     return
         finally:
             if finished or session.ended and client_done:
-                self.gateway.forget(session)
+                if generation == session.generation:
+                    self.gateway.forget(session)
             else:
-                self.gateway.detach(session)
+                self.gateway.detach(session, generation)
 
     def _handle(self, session: LiveSession, req: captions_pb2.StreamCaptionsRequest) -> None:
         kind = req.WhichOneof("request")

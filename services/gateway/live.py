@@ -94,6 +94,8 @@ class LiveSession:
         self.resumed = resumed
         self.samples = 0
         self.ended = False  # no more audio will be accepted
+        self.end_reason = ""  # why it ended early ("idle"), empty for a client's finalize/close
+        self.generation = 0  # bumped by every resume: only the newest call may detach the session
         self.last_activity = time.monotonic()
         self.lock = threading.Lock()
 
@@ -204,6 +206,7 @@ class LiveGateway:
             if sid in self._sessions:
                 s = self._sessions[sid]
                 s.resumed = True
+                s.generation += 1
                 s.touch()
                 return s
             raw = self.redis.hgetall(keys.session_config(sid))
@@ -218,9 +221,14 @@ class LiveGateway:
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
             return session
 
-    def detach(self, session: LiveSession) -> None:
-        """The client went away without ending the session: keep it for a while for a resume."""
+    def detach(self, session: LiveSession, generation: int | None = None) -> None:
+        """The client went away without ending the session: keep it for a while for a resume.
+
+        A call that was superseded by a resume (``generation`` older than the session's) leaves
+        the session alone."""
         with self._lock:
+            if generation is not None and generation != session.generation:
+                return
             if session.ended:
                 self._sessions.pop(session.sid, None)
             else:

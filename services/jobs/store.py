@@ -126,9 +126,12 @@ def _token(value: str) -> str:
 
 def _untoken(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        value = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as e:
         raise InvalidArgument("page_token is not a token this server returned.") from e
+    if not value.isprintable() or not value:
+        raise InvalidArgument("page_token is not a token this server returned.")
+    return value
 
 
 def _text(v: Any) -> str:
@@ -222,7 +225,12 @@ class JobStore:
         """A page of jobs, newest first, and the token of the next page ("" = last page)."""
         size = min(max(page_size or self.defaults.page_size, 1), self.defaults.max_page_size)
         wanted = set(statuses)
-        top = "(" + _untoken(page_token) if page_token else "+"
+        top = "+"
+        if page_token:
+            cursor = _untoken(page_token)
+            if not cursor.startswith("job-"):
+                raise InvalidArgument("page_token is not a token this server returned.")
+            top = "(" + cursor
         jobs: list[Job] = []
         last = ""
         more = False

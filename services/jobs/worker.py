@@ -237,8 +237,8 @@ class _Keeper(threading.Thread):
                 if not w.lease.renew(self.key, w.settings.worker_id, d.lease_ttl_ms):
                     self.lost.set()
                     return
-                w.client.execute_command("XCLAIM", JOBS_STREAM, JOB_GROUP, w.settings.worker_id, 0,
-                                         self.entry_id, "JUSTID")
+                # resets the entry's idle time (JUSTID: not counted as a delivery)
+                w.client.xclaim(JOBS_STREAM, JOB_GROUP, w.settings.worker_id, 0, [self.entry_id], justid=True)
                 last_ok = time.monotonic()
             except redis.RedisError as exc:
                 log.warning("job lease renewal failed: %s", exc)

@@ -90,8 +90,6 @@ def test_stream_tone_then_noise_events_are_ordered_and_captions_name_the_sounds(
     assert event_key(ended.last_event_id) >= keys[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: grpc_api.event_pb sets SessionEnded.last_event_id to the id of the "
-                   "'end' entry itself; captions.proto says it is the event_id of the last CaptionEvent sent")
 def test_session_ended_last_event_id_is_the_last_caption_event(stack: LiveStack) -> None:
     res = stream(stack, clip([("low_tone", 3.0)], seed=2))
     assert res.error is None and res.captions, res.table()

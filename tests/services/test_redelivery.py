@@ -148,10 +148,6 @@ def test_redelivery_of_an_entry_read_by_the_same_worker_is_applied_once(
     assert caption_rows(events(client)) == planned(msgs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: lm_service/worker.py LMWorker._apply: a worker whose lease was taken "
-                   "over (still stepping before its heartbeat notices) reads a new entry, gets lease_lost from "
-                   "apply_once and leaves the entry pending in its own PEL; the new owner only XAUTOCLAIMs in "
-                   "_adopt, so that publication is never captioned (captions for it are lost)")
 def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(client: redis.Redis, engine: SimpleEngine) -> None:
     register(client)
     msgs = messages(5, engine.hidden_size, seed=2)
