@@ -38,6 +38,8 @@ class CaptionRequest:
 class CaptionEngine(Protocol):
     def caption(self, requests: Sequence[CaptionRequest]) -> list[str]: ...
 
+    def check_adapter(self, adapter: str) -> None: ...
+
 
 class SimpleEngine:
     """Captions each window from scratch (prefill + greedy/sampled decode), batching requests that
@@ -79,6 +81,11 @@ class SimpleEngine:
         while len(self._adapters) > self.adapter_cache:
             self._adapters.popitem(last=False)
         return model
+
+    def check_adapter(self, adapter: str) -> None:
+        """Load (and cache) an adapter now; raises NotFound for an unknown name."""
+        with self._lock:
+            self.model_for(adapter)
 
     def caption(self, requests: Sequence[CaptionRequest]) -> list[str]:
         out: list[str] = [""] * len(requests)

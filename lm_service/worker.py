@@ -109,7 +109,8 @@ class LMWorker:
                 self._adopt(sid)
             except MidashengError as e:
                 log.error("cannot adopt session %s: %s", sid, e)
-                self._end_with_error(sid, f"session configuration is unusable: {e}")
+                code = "NOT_FOUND" if isinstance(e, NotFound) else "INVALID_ARGUMENT"
+                self._end_with_error(sid, f"the session cannot be captioned: {e}", code)
                 self.lease.release(lease_key, self.worker_id)
                 continue
             self.heartbeat.add(lease_key)
@@ -122,6 +123,8 @@ class LMWorker:
         if not raw:
             raise NotFound(f"session {sid} has no configuration (expired or never created)")
         settings = settings_from_hash(raw)
+        if settings.adapter:
+            self.engine.check_adapter(settings.adapter)  # NotFound ends the session with a clear error
         schedule = CaptionSchedule(settings)
         state = {k.decode(): int(float(v)) for k, v in self.redis.hgetall(keys.session_state(sid)).items()
                  if k.decode() in ("segments_final", "open_revision", "last_seq")}
@@ -149,9 +152,10 @@ class LMWorker:
         total = sum(int(r["pending"]) for r in pipe.execute() if isinstance(r, dict))
         metrics.PENDING.labels(stream="tokens").set(total)
 
-    def _end_with_error(self, sid: str, message: str) -> None:
-        self.streams.add(keys.session_captions(sid), {"type": "error", "message": message, "fatal": "1"},
-                         self.defaults.captions_maxlen)
+    def _end_with_error(self, sid: str, message: str, code: str = "INTERNAL") -> None:
+        """Tell the client (fatal error event + end) and drop the session from the active set."""
+        self.streams.add(keys.session_captions(sid), {"type": "error", "message": message, "fatal": "1", "code": code,
+                                                      "reason": code}, self.defaults.captions_maxlen)
         self.streams.add(keys.session_captions(sid), {"type": "end", "reason": "error"}, self.defaults.captions_maxlen)
         self.redis.zrem(keys.ACTIVE_SESSIONS, sid)
 
@@ -309,6 +313,9 @@ class LMWorker:
                     self.step()
                 except redis.RedisError as e:
                     log.error("redis error in the LM loop: %s; retrying", e)
+                    stop.wait(0.5)
+                except Exception:  # never let one bad step kill the worker; unacked work is retried
+                    log.exception("unexpected error in the LM loop; retrying")
                     stop.wait(0.5)
         finally:
             self.heartbeat.stop(timeout=2.0)

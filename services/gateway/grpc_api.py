@@ -120,8 +120,10 @@ def event_pb(ev: Event, last_caption_id: str = "", end_reason: str = "") -> capt
             text=f.get("text", ""), is_final=f.get("is_final") == "1",
             audio_processed_seconds=float(f.get("audio_seconds", 0.0)), adapter=f.get("adapter", "")))
     if ev.type == "error":
+        default = grpc.StatusCode.INTERNAL if f.get("fatal") == "1" else grpc.StatusCode.DATA_LOSS
+        code = grpc.StatusCode.__members__.get(f.get("code", ""), default)
         return captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
-            code=grpc.StatusCode.INTERNAL.value[0] if f.get("fatal") == "1" else grpc.StatusCode.DATA_LOSS.value[0],
+            code=code.value[0],
             message=f.get("message", ""), reason=f.get("reason", "CAPTION_WORKER"), fatal=f.get("fatal") == "1"))
     reason = end_reason or f.get("reason", "")
     return captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from services.errors import InvalidArgument, MidashengError
-from services.training.train import DEFAULT_LORA_TARGETS, TrainConfig
+from services.training.train import DECODER_LORA_TARGETS, TrainConfig
 
 _TRAIN = TrainConfig(data=None, out=None)  # type: ignore[arg-type]  # only read for its defaults
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -65,7 +65,8 @@ class Hyperparameters:
     lora_rank: int = _TRAIN.lora_rank
     lora_alpha: float = _TRAIN.lora_alpha
     lora_dropout: float = _TRAIN.lora_dropout
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    # Decoder projections: the part of an adapter that live streams apply (docs/jobs.md).
+    lora_targets: tuple[str, ...] = DECODER_LORA_TARGETS
     eval_every: int = 0  # steps; 0 = only at the end
     checkpoint_every: int = 0  # steps; 0 = the worker's default
 

@@ -11,6 +11,7 @@ Output layout under ``out``:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -47,6 +48,10 @@ DEFAULT_LORA_TARGETS = (
     "up_proj",
     "down_proj",
 )
+# Decoder-only targets: what a live adapter needs, since the shared encoder service runs the base
+# encoder and projector for every stream (one encoder batch serves all sessions, whatever adapter).
+DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ENCODER_SIDE_TARGETS = ("attn.qkv", "attn.proj", "audio_projector.net.0", "audio_projector.net.2")
 METHODS = ("full", "lora")
 # Architectures for models trained from scratch (``--config``): same layout as the real model.
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -56,6 +61,7 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
                  intermediate_size=384),
 }
 STATE_FILE = "trainer_state.pt"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -390,6 +396,13 @@ def merge_adapter(base: str | Path | None, adapter_dir: str | Path, out_dir: str
 def load_with_adapter(base: str | Path | None, adapter_dir: str | Path, device: str = "cpu") -> MiDashengLM:
     """A base model with a LoRA adapter merged in memory (for evaluation and serving)."""
     from peft import PeftModel
+
+    targets = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_modules") or []
+    encoder_side = sorted(set(targets) & set(ENCODER_SIDE_TARGETS))
+    if encoder_side:
+        log.warning("adapter %s also adapts %s: live streams apply only its decoder part (the encoder service "
+                    "runs the base encoder); offline captioning and merged checkpoints use all of it",
+                    adapter_dir, encoder_side)
 
     model = load_model(resolve_model_dir(str(base) if base is not None else None), device=device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()  # type: ignore[no-any-return]

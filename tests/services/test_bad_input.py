@@ -213,3 +213,13 @@ def test_health_and_reflection_on_every_server(stack: LiveStack) -> None:
             file_containing_symbol="midasheng.v1.CaptionService")]), timeout=5))
         assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
     assert captions_pb2_grpc.CaptionServiceStub  # the generated stub the clients use
+
+
+def test_unknown_adapter_ends_the_session_with_not_found(stack: LiveStack, short_clip: np.ndarray) -> None:
+    reqs = [config(adapter="no-such-adapter"), *[audio_req(d, i + 1) for i, d in enumerate(pcm_chunks(short_clip))]]
+    res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=STREAM_TIMEOUT_S))
+    errors = [r.error for r in res.responses if r.WhichOneof("response") == "error"]
+    assert errors and errors[0].fatal and errors[0].code == grpc.StatusCode.NOT_FOUND.value[0], res.table()
+    assert "no-such-adapter" in errors[0].message
+    assert res.kinds()[-1] == "ended"
+    still_works(stack, short_clip)  # the LM worker survived
