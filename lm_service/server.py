@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import redis
-import torch
 
 from lm_service.engine import SimpleEngine, adapter_loader_from_dir
 from lm_service.worker import LMWorker
@@ -194,7 +193,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_grad_enabled(False)
     registry = redis_url_from(args.redis_url) if args.adapters_from_redis else None
     engine = build_engine(args.model, args.device, args.dtype, args.adapters_dir, registry)
     srv = start_lm_server(engine, redis_url_from(args.redis_url), args.listen, args.workers,

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-import torch
 
 from encoder_service.server import EncoderServer, start_encoder_server
 from lm_service.engine import SimpleEngine
@@ -22,7 +21,6 @@ from services.transport.keys import TransportDefaults
 
 @pytest.fixture(scope="session")
 def engine() -> SimpleEngine:
-    torch.set_grad_enabled(False)
     return build_engine(None, "cpu")
 
 
