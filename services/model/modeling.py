@@ -62,16 +62,11 @@ class MiDashengLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._first_linear().weight.dtype
+        return self.audio_encoder.patch_embed.proj.weight.dtype  # never a LoRA target, always loaded
 
     @property
     def device(self) -> torch.device:
-        return self._first_linear().weight.device
-
-    def _first_linear(self) -> nn.Linear:
-        layer = self.audio_projector.net[0]
-        assert isinstance(layer, nn.Linear)
-        return layer
+        return self.audio_encoder.patch_embed.proj.weight.device
 
     def token_count(self, num_samples: int) -> int:
         enc = self.config.audio_encoder_config
