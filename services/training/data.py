@@ -107,6 +107,22 @@ def read_dataset(csv_path: str | Path, on_error: str = "skip", check_audio: bool
     return rows, problems
 
 
+def merge_datasets(out_csv: str | Path, *csv_paths: str | Path) -> Path:
+    """Concatenate dataset CSVs into one (audio paths made absolute, so the result can live anywhere)."""
+    out = Path(out_csv)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for part in map(Path, csv_paths):
+            with part.open(newline="", encoding="utf-8") as src:
+                for rec in csv.DictReader(src):
+                    audio = rec.get("audio") or ""
+                    if audio and "://" not in audio and not Path(audio).is_absolute():
+                        audio = str((part.parent / audio).resolve())
+                    w.writerow([audio, *(rec.get(c) or "" for c in COLUMNS[1:])])
+    return out
+
+
 def split_rows(rows: Sequence[Row], eval_fraction: float, seed: int, max_eval: int = 200) -> tuple[list[Row], list[Row]]:
     """Deterministic held-out split (at most ``max_eval`` rows, at least one training row)."""
     if not 0 <= eval_fraction < 1:

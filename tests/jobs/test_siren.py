@@ -8,7 +8,6 @@ encoder and projector in the encoder service, so LoRA layers there would not be 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from services.cli.stream import stream_file
 from services.gateway.server import start_gateway
 from services.model.checkpoint import load_model
 from services.pb.midasheng.v1 import jobs_pb2
+from services.training.data import merge_datasets
 from services.training.synth import DEFAULT_TYPES, generate_dataset, make_clip, types_in_caption
 from tests.jobs.conftest import DECODER_TARGETS, done, events, wait_job
 
@@ -30,17 +30,11 @@ SIREN_HP = dict(learning_rate=3e-3, max_steps=400, batch_size=8, warmup_steps=10
 
 
 def _dataset(root: Path) -> Path:
-    parts = [generate_dataset(root / "mix", 120, seed=11, types=[*DEFAULT_TYPES, "siren"], progress=False),
-             generate_dataset(root / "siren", 120, seed=12, types=["siren", "pink_noise", "silence"], progress=False)]
-    out = root / "train.csv"
-    with out.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["audio", "system_prompt", "user_prompt", "prediction"])
-        for part in parts:
-            with part.open(newline="") as src:
-                rows = list(csv.reader(src))[1:]
-            w.writerows([[str((part.parent / r[0]).resolve()), *r[1:]] for r in rows])
-    return out
+    return merge_datasets(
+        root / "train.csv",
+        generate_dataset(root / "mix", 120, seed=11, types=[*DEFAULT_TYPES, "siren"], progress=False),
+        generate_dataset(root / "siren", 120, seed=12, types=["siren", "pink_noise", "silence"], progress=False),
+    )
 
 
 def _captions(target: str, wav: Path, adapter: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -10,24 +9,13 @@ import torch
 
 from services.model.checkpoint import load_model, load_tokenizer
 from services.model.processor import MiDashengProcessor
-from services.training.data import read_dataset
+from services.training.data import merge_datasets, read_dataset
 from services.training.evaluate import caption_rows
 from services.training.metrics import corpus_scores
 from services.training.synth import DEFAULT_TYPES, generate_dataset, types_in_caption
 from services.training.train import DEFAULT_LORA_TARGETS, Trainer, config_from_args, load_with_adapter
 
 SIREN_MIX = ["siren", "pink_noise", "white_noise", "silence", "low_tone"]
-
-
-def merge_csvs(out: Path, *parts: Path) -> Path:
-    with out.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["audio", "system_prompt", "user_prompt", "prediction"])
-        for part in parts:
-            with part.open(newline="") as src:
-                rows = list(csv.reader(src))[1:]
-            w.writerows([[str((part.parent / r[0]).resolve()), *r[1:]] for r in rows])
-    return out
 
 
 def siren_recall(model, processor, rows) -> float:  # type: ignore[no-untyped-def]
@@ -39,7 +27,7 @@ def siren_recall(model, processor, rows) -> float:  # type: ignore[no-untyped-de
 
 @pytest.mark.slow
 def test_lora_teaches_the_demo_model_a_siren(tmp_path: Path) -> None:
-    train = merge_csvs(
+    train = merge_datasets(
         tmp_path / "train.csv",
         generate_dataset(tmp_path / "mix", 240, seed=21, types=[*DEFAULT_TYPES, "siren"], progress=False),
         generate_dataset(tmp_path / "siren", 120, seed=22, types=SIREN_MIX, progress=False),

@@ -133,3 +133,14 @@ def test_lora_adapter_saves_reloads_and_merges(small_data: Path, tmp_path: Path)
     m2 = load_model(again)
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, m2.state_dict()[k], msg=k)
+
+
+def test_merge_datasets_keeps_every_row_with_absolute_paths(small_data: Path, tmp_path: Path) -> None:
+    from services.training.data import merge_datasets
+
+    merged = merge_datasets(tmp_path / "elsewhere.csv", small_data, small_data)
+    rows, problems = read_dataset(merged)
+    single, _ = read_dataset(small_data)
+    assert not problems and len(rows) == 2 * len(single)
+    assert [r.prediction for r in rows] == [r.prediction for r in single] * 2
+    assert all(Path(r.audio).is_absolute() for r in rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,13 +17,6 @@ SID = "s1"
 TOKENS, CAPTIONS = keys.session_tokens(SID), keys.session_captions(SID)
 LEASE, STATE = keys.session_lease(SID), keys.session_state(SID)
 GROUP = "lm"
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 @pytest.fixture

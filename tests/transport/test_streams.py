@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -17,13 +16,6 @@ IDLE_MS = 250
 DEFAULTS = TransportDefaults(claim_min_idle_ms=IDLE_MS, block_ms=20, max_deliveries=3)
 STREAM = keys.session_tokens("s1")
 GROUP = "lm"
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5)
-    yield c
-    c.close()
 
 
 @pytest.fixture
