@@ -188,8 +188,13 @@ class LMWorker:
             if item is not None:
                 work.append(item)
         if work:
-            self._caption(work)
+            try:
+                self._caption(work)
+            except Exception as e:  # left pending and retried; dead-lettered after max_deliveries
+                self._failed(work, e)
+                return len(entries)
             for item in work:
+                item.session.failures.pop(item.entry.id, None)
                 self._apply(item)
         elif entries and any(s.gap_since for s in self.sessions.values()):
             time.sleep(0.02)  # waiting for a claimed publication: do not spin
@@ -227,6 +232,15 @@ class LMWorker:
         metrics.QUEUE_LAG.observe(lag)
         return _Work(session, entry, msg, plans)
 
+    def _failed(self, work: Sequence[_Work], exc: Exception) -> None:
+        log.exception("captioning %d publication(s) failed", len(work), exc_info=exc)
+        for item in work:
+            n = item.session.failures.get(item.entry.id, 0) + 1
+            item.session.failures[item.entry.id] = n
+            if n >= self.defaults.max_deliveries:
+                item.session.failures.pop(item.entry.id, None)
+                self._poison(item.session, item.entry, f"captioning failed {n} times: {type(exc).__name__}: {exc}", n)
+
     def _claim_pending(self, session: OwnedSession) -> None:
         start = "0-0"
         while True:
@@ -234,10 +248,10 @@ class LMWorker:
             if start in ("0-0", "0"):
                 return
 
-    def _poison(self, session: OwnedSession, entry: Entry, reason: str) -> None:
+    def _poison(self, session: OwnedSession, entry: Entry, reason: str, deliveries: int = 1) -> None:
         session.allow_gap = True
         log.error("dead-lettering publication %s of session %s: %s", entry.id, session.sid, reason)
-        self.streams.dead_letter(entry.stream, GROUP, entry, reason, deliveries=1)
+        self.streams.dead_letter(entry.stream, GROUP, entry, reason, deliveries=deliveries)
         metrics.DEAD_LETTERS.inc()
         self.streams.add(
             keys.session_captions(session.sid),

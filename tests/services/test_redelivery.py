@@ -199,3 +199,40 @@ def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
     assert caption_rows(evs) == planned(msgs)
     assert evs[-1]["type"] == "end" and evs[-1]["reason"] == "end_of_stream"
     assert client.xpending(keys.session_tokens(SID), GROUP)["pending"] == 0
+
+
+class FlakyEngine:
+    """Fails every caption batch whose first window starts at ``bad_start`` seconds."""
+
+    def __init__(self, inner: SimpleEngine, bad_start_token: int) -> None:
+        self.inner, self.bad, self.calls = inner, bad_start_token, 0
+
+    def check_adapter(self, adapter: str) -> None:
+        self.inner.check_adapter(adapter)
+
+    def caption(self, requests):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if any(int(r.audio_tokens.shape[0]) == self.bad for r in requests):
+            raise RuntimeError("simulated device failure")
+        return self.inner.caption(requests)
+
+
+def test_an_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(
+        client: redis.Redis, engine: SimpleEngine) -> None:
+    register(client)
+    msgs = messages(4, engine.hidden_size, seed=7)
+    publish = Publisher(client)
+    publish(*msgs)
+    # seq 2's interim window holds 20 tokens (4 s); nothing else has exactly 20 tokens.
+    flaky = FlakyEngine(engine, bad_start_token=20)
+    w = LMWorker(client, flaky, worker_id="w1", defaults=DEFAULTS)  # type: ignore[arg-type]
+    run_until(w, ended(client), "the end of the session")
+    dead = client.xrange(keys.DEAD_LETTERS)
+    assert len(dead) == 1
+    record = {k.decode(): v.decode(errors="replace") for k, v in dead[0][1].items()}
+    assert "captioning failed 3 times" in record["reason"] and record["deliveries"] == "3"
+    evs = events(client)
+    assert any(e.get("type") == "error" and "skipped" in e["message"] for e in evs)
+    windows = [(r[2], r[3]) for r in caption_rows(evs)]
+    assert (0.0, 4.0) not in windows and (0.0, 2.0) in windows and (0.0, 6.0) in windows
+    assert evs[-1]["type"] == "end"
