@@ -60,10 +60,6 @@ class CaptionSchedule:
     def n_final(self) -> int:
         return self._n_final
 
-    @property
-    def n_available(self) -> int:
-        return self._n_total
-
     def ingest(self, msg: TokenMessage) -> None:
         """Store the tokens of a publication (final ones at their index, tentative tail replaced)."""
         n, hidden = int(msg.tokens.shape[0]), int(msg.tokens.shape[1])

@@ -103,11 +103,6 @@ def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str])
     return servicer
 
 
-def set_not_serving(servicer: health.HealthServicer, service_names: Iterable[str]) -> None:
-    for name in [*service_names, ""]:
-        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-
 def bind(server: grpc.Server, address: str) -> int:
     """Bind an insecure port on a loopback/host address; returns the port (0 picks a free one)."""
     port = server.add_insecure_port(address)

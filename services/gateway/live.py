@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -263,6 +263,3 @@ class LiveGateway:
             for entry_id, fields in entries:
                 out.append(Event(entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
         return out
-
-    def settings_with(self, base: StreamSettings, **changes: object) -> StreamSettings:
-        return replace(base, **changes)  # type: ignore[arg-type]

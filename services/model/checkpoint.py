@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -259,7 +258,3 @@ def load_tokenizer(model_dir: str | os.PathLike[str] | None):  # type: ignore[no
     if not any((path / n).exists() for n in ("vocab.json", "tokenizer_config.json")):
         raise CheckpointError(f"No tokenizer files (tokenizer.json, tokenizer_config.json) in {path}.")
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def parameter_count(params: Iterable[torch.nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)

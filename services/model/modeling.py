@@ -77,9 +77,6 @@ class MiDashengLM(nn.Module):
         feats, mask = self.audio_encoder.forward_audio(audio.float(), lengths)
         return self.audio_projector(feats, mask)
 
-    def project_features(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.audio_projector(feats, mask)
-
     def embed_inputs(
         self, input_ids: torch.Tensor, audio_embeds: torch.Tensor, audio_token_counts: torch.Tensor
     ) -> torch.Tensor:

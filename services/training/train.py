@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from services.errors import ConfigError
 from services.model.checkpoint import build_model, load_model, load_tokenizer, resolve_model_dir, save_model
-from services.model.config import MiDashengLMConfig, tiny_config
+from services.model.config import tiny_config
 from services.model.generation import GenerationOptions, generate
 from services.model.modeling import MiDashengLM
 from services.model.processor import MiDashengProcessor
@@ -412,10 +412,3 @@ def config_from_args(**kwargs: Any) -> TrainConfig:
     cfg = replace(TrainConfig(data=Path(kwargs.pop("data")), out=Path(kwargs.pop("out"))), **kwargs)
     cfg.validate()
     return cfg
-
-
-def describe(config: MiDashengLMConfig) -> str:
-    enc = config.audio_encoder_config
-    tc = config.text_config
-    return (f"encoder {enc.embed_dim}d x{enc.depth}, decoder {tc['hidden_size']}d x{tc['num_hidden_layers']}, "
-            f"vocab {tc['vocab_size']}")

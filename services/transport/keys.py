@@ -12,8 +12,6 @@ from services.errors import ConfigError, InvalidArgument
 
 PREFIX = "mdl"
 
-SESSIONS_STREAM = f"{PREFIX}:sessions"
-"""Stream of new-session announcements (gateway -> workers)."""
 ACTIVE_SESSIONS = f"{PREFIX}:sessions:active"
 """Sorted set: session id -> last activity, unix milliseconds."""
 DEAD_LETTERS = f"{PREFIX}:deadletter"
@@ -67,7 +65,6 @@ class TransportDefaults:
 
     tokens_maxlen: int = 2000
     captions_maxlen: int = 5000
-    sessions_maxlen: int = 10000
     deadletter_maxlen: int = 10000
     lease_ttl_ms: int = 3000
     heartbeat_ms: int = 1000
