@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -58,7 +59,9 @@ class WorkerSettings:
 
 def torchrun_command(job: Job, settings: WorkerSettings) -> list[str]:
     """The launch command of a multi-GPU job (Redis comes from $REDIS_URL, never the command line)."""
-    return ["torchrun", "--nproc_per_node", str(job.spec.num_gpus), "-m", "services.jobs.run_job",
+    # torchrun, run through this interpreter so it works without the venv's bin/ on PATH
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(job.spec.num_gpus),
+            "-m", "services.jobs.run_job",
             "--job-id", job.id, "--jobs-dir", str(settings.jobs_dir), "--owner", settings.worker_id]
 
 

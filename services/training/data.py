@@ -169,13 +169,19 @@ class EpochSampler:
             batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
         return [batches[int(i)] for i in rng.permutation(len(batches))]
 
-    def batches(self, batch_size: int, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, list[int]]]:
-        """Yields (epoch, batch index in epoch, row indices) forever, from the given position."""
+    def batches(self, batch_size: int, start_epoch: int = 0, start_batch: int = 0, rank: int = 0,
+                world: int = 1) -> Iterator[tuple[int, int, list[int]]]:
+        """Yields (epoch, batch index in epoch, row indices) forever, from the given position.
+
+        With ``world`` data-parallel ranks, rank r takes the global batches b with b % world == r
+        (every rank gets as many per epoch: the ragged tail is dropped)."""
         epoch, b = start_epoch, start_batch
         while True:
             per_epoch = self.epoch_batches(epoch, batch_size)
-            while b < len(per_epoch):
-                yield epoch, b, per_epoch[b]
+            usable = max(world, len(per_epoch) // world * world)
+            while b < usable:
+                if b % world == rank:
+                    yield epoch, b, per_epoch[b % len(per_epoch)]
                 b += 1
             epoch, b = epoch + 1, 0
 

@@ -32,6 +32,7 @@ from services.model.generation import GenerationOptions, generate
 from services.model.modeling import MiDashengLM
 from services.model.processor import MiDashengProcessor
 from services.training.data import EpochSampler, Row, collate, prefetch, read_dataset, split_rows
+from services.training.distributed import Dist
 from services.training.metrics import corpus_scores
 
 # LoRA targets from the paper's recipe: encoder attention, the projector, every decoder projection.
@@ -128,9 +129,9 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -147,7 +148,9 @@ class Trainer:
         self.cfg = cfg
         self.on_event = on_event or (lambda e: None)
         self.should_stop = should_stop or (lambda: False)
-        self.device = _device(cfg.device)
+        self.dist = Dist.from_env()
+        self.device = _device(cfg.device, self.dist.local_rank)
+        self._owns_group = self.dist.setup(self.device)
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -161,8 +164,14 @@ class Trainer:
             self.train_rows, self.eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed, cfg.eval_samples)
         self.eval_rows = self.eval_rows[: cfg.eval_samples]
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # same seed on every rank: identical initial weights
         self.model, self.tokenizer = self._build_model()
+        self.forward_model: Any = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
         self.processor = MiDashengProcessor(self.tokenizer, self.model.config)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in self.trainable if p.dim() >= 2]
@@ -171,7 +180,7 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate,
         )
-        per_step = cfg.batch_size * cfg.grad_accum
+        per_step = cfg.batch_size * cfg.grad_accum * self.dist.world
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.train_rows) / per_step))
         self.step = 0
         self.epoch, self.batch_in_epoch = 0, 0
@@ -229,7 +238,11 @@ class Trainer:
             save_model(self.base_model, path, self.tokenizer)
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes; every rank waits until the checkpoint exists."""
         path = self._ckpt_dir(self.step)
+        if not self.dist.main:
+            self.dist.barrier()
+            return path
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -251,6 +264,7 @@ class Trainer:
         for old in kept[: max(0, len(kept) - self.cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         self._log({"event": "checkpoint", "step": self.step, "path": str(path)})
+        self.dist.barrier()
         return path
 
     def latest_checkpoint(self) -> Path | None:
@@ -277,6 +291,8 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------------
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return  # rank 0 speaks for the run
         record = {"time": round(time.time(), 3), **record}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -309,29 +325,31 @@ class Trainer:
             if latest is not None:
                 self.restore(latest)
         sampler = EpochSampler([r.seconds for r in self.train_rows], cfg.seed)
-        batches = sampler.batches(cfg.batch_size, self.epoch, self.batch_in_epoch)
+        batches = sampler.batches(cfg.batch_size, self.epoch, self.batch_in_epoch, self.dist.rank, self.dist.world)
         stream = prefetch(self.train_rows, self.processor, batches)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         self._log({"event": "start", "step": self.step, "total_steps": self.total_steps,
                    "train_rows": len(self.train_rows), "eval_rows": len(self.eval_rows),
                    "trainable_parameters": sum(p.numel() for p in self.trainable)})
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (cfg.progress and self.dist.main))
         started, start_step = time.monotonic(), self.step
         stopped = False
         last: dict[str, Any] = {}
         try:
             while self.step < self.total_steps:
-                if self.should_stop():
+                if self.dist.any(self.dist.main and self.should_stop()):
                     stopped = True
                     break
                 lr = self._set_lr()
                 loss_sum = 0.0
                 for _ in range(cfg.grad_accum):
                     self.epoch, b, batch = next(stream)
-                    self.batch_in_epoch = b + 1
+                    # Resume point: the first global batch of the next round (all ranks in lock-step).
+                    self.batch_in_epoch = b - self.dist.rank + self.dist.world
                     batch = batch.to(self.device)
                     with autocast:
-                        out = self.model(
+                        out = self.forward_model(
                             input_ids=batch.input_ids,
                             attention_mask=batch.attention_mask,
                             audio=batch.audio,
@@ -345,7 +363,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                loss = loss_sum / cfg.grad_accum
+                loss = self.dist.mean(loss_sum / cfg.grad_accum)
                 done = self.step - start_step
                 eta = (time.monotonic() - started) / done * (self.total_steps - self.step)
                 bar.update(1)
@@ -355,7 +373,9 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self._log(last)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    self._log({"event": "eval", "step": self.step, **self.evaluate()})
+                    if self.dist.main:
+                        self._log({"event": "eval", "step": self.step, **self.evaluate()})
+                    self.dist.barrier()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
@@ -363,12 +383,25 @@ class Trainer:
         if stopped:
             path = self.save_checkpoint()
             self._log({"event": "stopped", "step": self.step, "checkpoint": str(path)})
+            self._close_group()
             return {"status": "stopped", "step": self.step, "checkpoint": str(path)}
+        if not self.dist.main:  # rank 0 evaluates and writes the result
+            self.dist.barrier()
+            self._close_group()
+            return {"status": "succeeded", "step": self.step, "rank": self.dist.rank}
         scores = self.evaluate()
         self._log({"event": "eval", "step": self.step, "final": True, **scores})
         result = self.finish()
         self._log({"event": "done", "step": self.step, **result})
+        self.dist.barrier()
+        self._close_group()
         return {"status": "succeeded", "step": self.step, "scores": scores, **result}
+
+    def _close_group(self) -> None:
+        if self._owns_group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
     def finish(self) -> dict[str, Any]:
         """Write the final artifacts (model/ or adapter/ + merged/)."""

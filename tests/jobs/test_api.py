@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import sys
 from pathlib import Path
 
 import grpc
@@ -113,8 +115,27 @@ def test_multi_gpu_job_records_the_torchrun_command_in_a_dry_run(jobs, worker_th
                                                    hyperparameters=hp()), timeout=30)
     job = wait_job(stub, job.id, done, timeout=30)
     assert job.status == jobs_pb2.FAILED and job.error.code == "not_launched"
-    expected = ["torchrun", "--nproc_per_node", "2", "-m", "services.jobs.run_job", "--job-id", job.id,
+    expected = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "services.jobs.run_job", "--job-id", job.id,
                 "--jobs-dir", str(w.settings.jobs_dir), "--owner", "dry"]
     assert list(w.store.get(job.id).launch_command) == expected
     logs = [e.message for e in events(stub, job.id) if e.kind == jobs_pb2.JobEvent.LOG]
     assert any(" ".join(expected) in m and m.startswith("Dry run") for m in logs)
+
+
+@pytest.mark.slow
+def test_multi_gpu_job_trains_data_parallel_under_torchrun(jobs, worker_thread, tiny_csv: Path) -> None:
+    """Two processes on the CPU (gloo) stand in for two GPUs: every rank trains, rank 0 reports."""
+    _, stub = jobs
+    w = worker_thread(worker_id="multi", gpus=2)
+    job = stub.CreateJob(jobs_pb2.CreateJobRequest(name="ddp", dataset_uri=str(tiny_csv), num_gpus=2,
+                                                   hyperparameters=hp(max_steps=4, batch_size=2)), timeout=30)
+    job = wait_job(stub, job.id, done, timeout=300)
+    assert job.status == jobs_pb2.SUCCEEDED, job.error.message
+    logs = [e.message for e in events(stub, job.id) if e.kind == jobs_pb2.JobEvent.LOG]
+    assert any(m.startswith("Launching:") and "torch.distributed.run" in m for m in logs), logs
+    assert job.step == 4
+    assert stub.GetAdapter(jobs_pb2.GetAdapterRequest(name="ddp"), timeout=10).path
+    metrics = [json.loads(line) for line in (w.settings.jobs_dir / job.id / "metrics.jsonl").read_text().splitlines()]
+    start = next(m for m in metrics if m["event"] == "start")
+    assert start["total_steps"] == 4 and sum(m["event"] == "start" for m in metrics) == 1  # rank 0 alone logs
