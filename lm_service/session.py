@@ -77,7 +77,12 @@ class CaptionSchedule:
         gap = msg.token_start - (self._base + keep.shape[0])
         parts = [keep, msg.tokens.new_zeros((max(0, gap), hidden)), msg.tokens]
         buf = torch.cat(parts, dim=0)
-        excess = buf.shape[0] - RETAIN_WINDOWS * self.settings.window_tokens
+        # Keep what the next captions can need: every token of a segment not yet final (finals
+        # arrive in bursts of a whole 10.08 s encoder window) and the last window for interims.
+        w = self.settings.window_tokens
+        total = msg.token_start + n
+        needed_from = max(0, min(self.segments_final * w, total - w))
+        excess = min(buf.shape[0] - RETAIN_WINDOWS * w, needed_from - self._base)
         if excess > 0:
             buf, self._base = buf[excess:], self._base + excess
         self._tokens = buf

@@ -44,6 +44,7 @@ class OwnedSession:
     stream: str
     failures: dict[str, int] = field(default_factory=dict)
     gap_since: float | None = None  # when a publication arrived ahead of a missing seq
+    last_publication: float = field(default_factory=time.monotonic)
     allow_gap: bool = False  # a poison entry was dead-lettered: the next seq gap is expected
 
 
@@ -64,6 +65,7 @@ class LMWorker:
         worker_id: str | None = None,
         defaults: TransportDefaults | None = None,
         max_sessions: int = 64,
+        silent_session_s: float = 600.0,
     ) -> None:
         self.redis = client
         self.streams = StreamClient(client)
@@ -71,6 +73,7 @@ class LMWorker:
         self.worker_id = worker_id or f"lm-{uuid.uuid4().hex[:8]}"
         self.defaults = defaults or TransportDefaults()
         self.max_sessions = max_sessions
+        self.silent_session_s = silent_session_s  # longer than any gateway idle/resume timeout
         self.lease = Lease(client)
         self.sessions: dict[str, OwnedSession] = {}
         self._lost: set[str] = set()
@@ -92,6 +95,7 @@ class LMWorker:
             lost, self._lost = self._lost, set()
         for sid in [s for s in self.sessions if keys.session_lease(s) in lost]:
             log.warning("lease of session %s was taken over; dropping it", sid)
+            self.heartbeat.discard(keys.session_lease(sid))
             self.sessions.pop(sid, None)
             metrics.LM_SESSIONS.set(len(self.sessions))
 
@@ -105,15 +109,20 @@ class LMWorker:
             lease_key = keys.session_lease(sid)
             if not self.lease.acquire(lease_key, self.worker_id, self.defaults.lease_ttl_ms):
                 continue
+            self.heartbeat.add(lease_key)  # before the (possibly slow) adoption, so the lease holds
             try:
                 self._adopt(sid)
-            except MidashengError as e:
-                log.error("cannot adopt session %s: %s", sid, e)
-                code = "NOT_FOUND" if isinstance(e, NotFound) else "INVALID_ARGUMENT"
+            except Exception as e:  # this session cannot be taken on; the others still are
+                if isinstance(e, MidashengError):
+                    log.error("cannot adopt session %s: %s", sid, e)
+                    code = "NOT_FOUND" if isinstance(e, NotFound) else "INVALID_ARGUMENT"
+                else:
+                    log.exception("adopting session %s failed", sid)
+                    code = "INTERNAL"
                 self._end_with_error(sid, f"the session cannot be captioned: {e}", code)
+                self.heartbeat.discard(lease_key)
                 self.lease.release(lease_key, self.worker_id)
                 continue
-            self.heartbeat.add(lease_key)
             adopted.append(sid)
         metrics.LM_SESSIONS.set(len(self.sessions))
         return adopted
@@ -145,6 +154,18 @@ class LMWorker:
         self._claim_pending(session)  # a dead owner's pending publications become ours (we hold the lease)
         self.sessions[sid] = session
 
+    def _expire_silent(self, now: float) -> None:
+        """End sessions that got no publication for ``silent_session_s`` (their encoder or gateway is gone)."""
+        for session in [s for s in self.sessions.values() if now - s.last_publication > self.silent_session_s]:
+            log.warning("session %s got no audio tokens for %.0f s; ending it", session.sid, self.silent_session_s)
+            self.streams.add(keys.session_captions(session.sid), {
+                "type": "error", "fatal": "1", "code": "UNAVAILABLE", "reason": "NO_AUDIO_TOKENS",
+                "message": f"no audio tokens arrived for {self.silent_session_s:.0f} s; the session was ended"},
+                self.defaults.captions_maxlen)
+            self.streams.add(keys.session_captions(session.sid), {"type": "end", "reason": "error"},
+                             self.defaults.captions_maxlen)
+            self._finish(session)
+
     def _report_pending(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for s in self.sessions.values():
@@ -169,15 +190,19 @@ class LMWorker:
             self._last_scan = now
             self.adopt_free_sessions()
             self._report_pending()
+            self._expire_silent(now)
         if not self.sessions:
             time.sleep((block_ms or self.defaults.block_ms) / 1000)
             return 0
-        # Own pending entries first (after a takeover or a failed step), then new ones.
+        # Own pending entries first (after a takeover or a failed step), then new ones for the
+        # sessions with nothing pending, so one stuck session does not hold up the others.
         entries = self.streams.read_group(GROUP, self.worker_id, {s.stream: "0" for s in self.sessions.values()},
                                           count=1, block_ms=None)
-        if not entries:
-            entries = self.streams.read_group(GROUP, self.worker_id, {s.stream: ">" for s in self.sessions.values()},
-                                              count=1, block_ms=block_ms or self.defaults.block_ms)
+        busy = {e.stream for e in entries}
+        fresh = {s.stream: ">" for s in self.sessions.values() if s.stream not in busy}
+        if fresh:
+            entries += self.streams.read_group(GROUP, self.worker_id, fresh, count=1,
+                                               block_ms=None if entries else block_ms or self.defaults.block_ms)
         by_stream = {s.stream: s for s in self.sessions.values()}
         work: list[_Work] = []
         for entry in entries:
@@ -190,10 +215,16 @@ class LMWorker:
         if work:
             try:
                 self._caption(work)
-            except Exception as e:  # left pending and retried; dead-lettered after max_deliveries
-                self._failed(work, e)
-                return len(entries)
-            for item in work:
+                done = list(work)
+            except Exception:  # find the culprit: caption each session's windows on its own
+                done = []
+                for item in work:
+                    try:
+                        self._caption([item])
+                        done.append(item)
+                    except Exception as e:  # left pending and retried; dead-lettered after max_deliveries
+                        self._failed(item, e)
+            for item in done:
                 item.session.failures.pop(item.entry.id, None)
                 self._apply(item)
         elif entries and any(s.gap_since for s in self.sessions.values()):
@@ -226,20 +257,27 @@ class LMWorker:
             log.error("session %s: publications %d..%d never arrived; continuing without them",
                       session.sid, sched.last_seq + 1, msg.seq - 1)
         session.gap_since, session.allow_gap = None, False
-        sched.ingest(msg)
-        plans = sched.plan(msg, commit=False)  # counters advance only once the events are durable
+        try:
+            sched.ingest(msg)
+            plans = sched.plan(msg, commit=False)  # counters advance only once the events are durable
+            for p in plans:
+                sched.window(p.start_token, p.end_token)  # every planned window must be retained
+        except Exception as e:  # a publication that does not fit this session: skip it, say so
+            self._poison(session, entry, f"publication {msg.seq} does not fit the session: {e}", msg=msg)
+            return None
         lag = max(0.0, time.time() - entry_time(entry.id))
         metrics.QUEUE_LAG.observe(lag)
         return _Work(session, entry, msg, plans)
 
-    def _failed(self, work: Sequence[_Work], exc: Exception) -> None:
-        log.exception("captioning %d publication(s) failed", len(work), exc_info=exc)
-        for item in work:
-            n = item.session.failures.get(item.entry.id, 0) + 1
-            item.session.failures[item.entry.id] = n
-            if n >= self.defaults.max_deliveries:
-                item.session.failures.pop(item.entry.id, None)
-                self._poison(item.session, item.entry, f"captioning failed {n} times: {type(exc).__name__}: {exc}", n)
+    def _failed(self, item: _Work, exc: Exception) -> None:
+        log.error("captioning publication %s of session %s failed: %s", item.entry.id, item.session.sid, exc,
+                  exc_info=exc)
+        n = item.session.failures.get(item.entry.id, 0) + 1
+        item.session.failures[item.entry.id] = n
+        if n >= self.defaults.max_deliveries:
+            item.session.failures.pop(item.entry.id, None)
+            self._poison(item.session, item.entry, f"captioning failed {n} times: {type(exc).__name__}: {exc}", n,
+                         msg=item.msg)
 
     def _claim_pending(self, session: OwnedSession) -> None:
         start = "0-0"
@@ -248,7 +286,8 @@ class LMWorker:
             if start in ("0-0", "0"):
                 return
 
-    def _poison(self, session: OwnedSession, entry: Entry, reason: str, deliveries: int = 1) -> None:
+    def _poison(self, session: OwnedSession, entry: Entry, reason: str, deliveries: int = 1,
+                msg: TokenMessage | None = None) -> None:
         session.allow_gap = True
         log.error("dead-lettering publication %s of session %s: %s", entry.id, session.sid, reason)
         self.streams.dead_letter(entry.stream, GROUP, entry, reason, deliveries=deliveries)
@@ -256,9 +295,14 @@ class LMWorker:
         self.streams.add(
             keys.session_captions(session.sid),
             {"type": "error", "message": f"an audio-token publication could not be read and was skipped: {reason}",
-             "fatal": "0"},
+             "fatal": "0", "reason": "PUBLICATION_SKIPPED"},
             self.defaults.captions_maxlen,
         )
+        if msg is not None and msg.end_of_stream:  # the last one: the session still has to end
+            self.streams.add(keys.session_captions(session.sid), {"type": "end", "reason": "error",
+                                                                   "audio_seconds": f"{msg.stream_seconds:.3f}"},
+                             self.defaults.captions_maxlen)
+            self._finish(session)
 
     def _caption(self, work: Sequence[_Work]) -> None:
         requests: list[CaptionRequest] = []
@@ -290,19 +334,25 @@ class LMWorker:
         if msg.end_of_stream:
             outputs.append((captions_key, {"type": "end", "reason": "end_of_stream",
                                            "audio_seconds": f"{msg.stream_seconds:.3f}"}, self.defaults.captions_maxlen))
-        status, _ids = apply_once(
-            self.redis,
-            lease_key=keys.session_lease(session.sid),
-            owner=self.worker_id,
-            state_key=keys.session_state(session.sid),
-            seq=msg.seq,
-            ack_stream=item.entry.stream,
-            group=GROUP,
-            entry_id=item.entry.id,
-            outputs=outputs,
-            state_updates=sched.counters(),
-            ttl_s=self.defaults.session_ttl_s,
-        )
+        try:
+            status, _ids = apply_once(
+                self.redis,
+                lease_key=keys.session_lease(session.sid),
+                owner=self.worker_id,
+                state_key=keys.session_state(session.sid),
+                seq=msg.seq,
+                ack_stream=item.entry.stream,
+                group=GROUP,
+                entry_id=item.entry.id,
+                outputs=outputs,
+                state_updates=sched.counters(),
+                ttl_s=self.defaults.session_ttl_s,
+            )
+        except Exception:  # nothing or everything was written (one script): retry from the pending entry
+            sched.segments_final, sched.open_revision, sched.last_seq, sched.ended = before
+            raise
+        session.last_publication = time.monotonic()
+        self.redis.expire(keys.session_config(session.sid), self.defaults.session_ttl_s)  # live sessions keep it
         if status != "applied":  # lease lost, or another owner applied it first
             sched.segments_final, sched.open_revision, sched.last_seq, sched.ended = before
             self._on_lost(keys.session_lease(session.sid))
@@ -312,7 +362,14 @@ class LMWorker:
             self._finish(session)
 
     def _finish(self, session: OwnedSession) -> None:
-        self.redis.zrem(keys.ACTIVE_SESSIONS, session.sid)
+        """The session ended: leave the active set; its keys expire after ``session_ttl_s`` (the
+        caption stream stays readable for downloads and late resumes until then)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(keys.ACTIVE_SESSIONS, session.sid)
+        for key in (keys.session_tokens(session.sid), keys.session_captions(session.sid),
+                    keys.session_state(session.sid), keys.session_config(session.sid)):
+            pipe.expire(key, self.defaults.session_ttl_s)
+        pipe.execute()
         lease_key = keys.session_lease(session.sid)
         self.heartbeat.discard(lease_key)
         self.lease.release(lease_key, self.worker_id)
