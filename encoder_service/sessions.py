@@ -41,6 +41,19 @@ class PushResult:
 
 
 @dataclass
+class _Unsent:
+    """A computed publication not yet in Redis: sent again before anything new (tokens already
+    consumed from the streaming session cannot be recomputed)."""
+
+    payload: bytes
+    seq: int
+    final_published: int
+    tentative: int
+    num_final: int
+    end: bool
+
+
+@dataclass
 class _State:
     sid: str
     stream: StreamingEncoderSession
@@ -51,6 +64,7 @@ class _State:
     final_published: int = 0
     tentative: int = 0
     closed: bool = False
+    unsent: _Unsent | None = None
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,6 +116,8 @@ class EncoderSessions:
                 raise InvalidArgument(f"encoder session {sid!r} has ended")
             st.touched = time.monotonic()
             if audio_seq and audio_seq <= st.last_audio_seq:
+                if end_of_stream and not st.closed:  # the end's emit failed earlier: do it now
+                    self._emit(st, end=True)
                 return PushResult(True, st.final_published, st.tentative, st.stream.seconds_received)
             if audio_seq and audio_seq != st.last_audio_seq + 1:
                 raise InvalidArgument(f"audio seq {audio_seq} skips ahead of {st.last_audio_seq + 1}")
@@ -131,6 +147,10 @@ class EncoderSessions:
         return st.final_published, st.stream.seconds_received
 
     def _emit(self, st: _State, end: bool, flush: bool = True) -> None:
+        if st.unsent is not None:
+            self._publish(st, st.unsent)  # raises again while Redis is unreachable
+            if st.closed:
+                return
         stream = st.stream
         if end and flush:
             stream.finish()
@@ -157,9 +177,8 @@ class EncoderSessions:
         tokens = torch.cat(parts, dim=0) if parts else torch.zeros((0, hidden), dtype=self.model.dtype)
         if tokens.shape[0] == 0 and not end:
             return
-        st.pub_seq += 1
         msg = TokenMessage(
-            seq=st.pub_seq,
+            seq=st.pub_seq + 1,
             token_start=st.final_published,
             tokens=tokens,
             num_final=num_final,
@@ -169,12 +188,17 @@ class EncoderSessions:
             revision=tail.revision if tail is not None else 0,
             audio_seq=st.last_audio_seq,
         )
-        self.publish(st.sid, encode_tokens(st.sid, msg))
-        metrics.TOKENS_PUBLISHED.labels(kind="final").inc(num_final)
-        metrics.TOKENS_PUBLISHED.labels(kind="tentative").inc(int(tokens.shape[0]) - num_final)
-        st.final_published = expected
-        st.tentative = int(tokens.shape[0]) - num_final
-        if end:
+        st.unsent = _Unsent(encode_tokens(st.sid, msg), msg.seq, expected, int(tokens.shape[0]) - num_final,
+                            num_final, end)
+        self._publish(st, st.unsent)
+
+    def _publish(self, st: _State, u: _Unsent) -> None:
+        self.publish(st.sid, u.payload)
+        st.unsent = None
+        st.pub_seq, st.final_published, st.tentative = u.seq, u.final_published, u.tentative
+        metrics.TOKENS_PUBLISHED.labels(kind="final").inc(u.num_final)
+        metrics.TOKENS_PUBLISHED.labels(kind="tentative").inc(u.tentative)
+        if u.end:
             st.closed = True
 
     def expire_idle(self, idle_seconds: float) -> list[str]:

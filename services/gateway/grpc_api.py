@@ -131,7 +131,8 @@ def event_pb(ev: Event, last_caption_id: str = "", end_reason: str = "") -> capt
         total_audio_seconds=float(f.get("audio_seconds", 0.0)), last_event_id=last_caption_id))
 
 
-_END = object()
+_END = object()  # the client half-closed its request stream: flush and finish
+_DROPPED = object()  # the connection broke: keep the session for a resume
 
 
 @dataclass
@@ -163,7 +164,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
             raise DeadlineExceeded(
                 f"no SessionConfig received within {limits.first_message_timeout_seconds:.0f} s of opening the stream"
             ) from e
-        if first is _END:
+        if first is _END or first is _DROPPED:
             return
         if isinstance(first, BaseException):
             raise first
@@ -198,6 +199,10 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                         item = inbox.get_nowait()
                     except queue.Empty:
                         break
+                    if item is _DROPPED:
+                        return  # finally: detach (resumable for resume_retention_seconds)
+                    if generation != session.generation:
+                        return  # a newer call resumed this session; it owns the audio now
                     if item is _END:
                         client_done = True  # half-close: flush what was sent
                         session.finalize()
@@ -289,7 +294,7 @@ def _pump(requests: Iterator[object], inbox: queue.Queue[object]) -> None:
             inbox.put(req, timeout=300)
         inbox.put(_END, timeout=300)
     except grpc.RpcError:
-        inbox.put(_END, timeout=5)  # the client vanished: handled like a half-close
+        inbox.put(_DROPPED, timeout=5)  # the client vanished: the session waits for a resume
     except queue.Full:
         inbox.put(MidashengError("the stream's message queue stayed full for 300 s"), timeout=5)
     except Exception as e:  # malformed frames and the like end the call with that error

@@ -127,8 +127,9 @@ class LiveSession:
                 raise
             if (self.samples + samples.size) / 16000 > limits.max_session_seconds:
                 raise ResourceExhausted(f"the session reached its maximum of {limits.max_session_seconds:.0f} s")
+            # Counted only once the encoder has it: a failed push can be sent again with the same seq.
+            self.gateway.encoder.push(self.sid, self.audio_seq + 1, samples)
             self.audio_seq += 1
-            self.gateway.encoder.push(self.sid, self.audio_seq, samples)
             self.samples += samples.size
             self.touch()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
@@ -138,10 +139,10 @@ class LiveSession:
         with self.lock:
             if self.ended:
                 return
-            self.ended = True
             tail = self.converter.flush()
+            self.gateway.encoder.push(self.sid, self.audio_seq + 1, tail, end_of_stream=True)
+            self.ended = True  # only once the encoder has the end (a failed finalize can be retried)
             self.audio_seq += 1
-            self.gateway.encoder.push(self.sid, self.audio_seq, tail, end_of_stream=True)
             self.samples += tail.size
 
     def close(self) -> None:
@@ -215,7 +216,13 @@ class LiveGateway:
             get = {k.decode(): v.decode() for k, v in raw.items()}
             settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
                                       settings_from_hash(raw), get.get("language", ""))
-            last_seq, _ = self.encoder.open(sid, settings.session.hop_seconds)
+            last_seq, reattached = self.encoder.open(sid, settings.session.hop_seconds)
+            if not reattached:
+                # The encoder no longer holds this session's audio (it restarted, or the session was
+                # closed): its publications would restart at seq 1 and never reach the captions.
+                self.encoder.close(sid, flush=False)
+                raise FailedPrecondition(f"session {sid} can no longer be resumed: the encoder lost its audio "
+                                         "state; start a new session")
             session = LiveSession(self, sid, settings, audio_seq=last_seq, resumed=True)
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))

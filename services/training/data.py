@@ -207,8 +207,11 @@ def prefetch(rows: Sequence[Row], processor: MiDashengProcessor,
                         continue
                 if stop.is_set():
                     return
-        except BaseException as e:  # surfaced in the consumer
-            q.put(e)
+        except BaseException as e:  # surfaced in the consumer (if it is still there)
+            try:
+                q.put(e, timeout=5)
+            except queue.Full:
+                pass
 
     thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
     thread.start()
