@@ -174,6 +174,7 @@ class LiveGateway:
         return len(self._sessions)
 
     def create(self, settings: StreamSettings, session_id: str = "") -> LiveSession:
+        """Register a new session in Redis and open its encoder session (no lock held over RPCs)."""
         settings.validate(self.limits)
         sid = session_id or uuid.uuid4().hex
         if not set(sid) <= _SAFE_ID or len(sid) > 64:
@@ -181,19 +182,25 @@ class LiveGateway:
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
                 raise ResourceExhausted(f"this gateway serves its maximum of {self.limits.max_sessions} sessions")
-            if self.redis.exists(keys.session_config(sid)):
-                raise InvalidArgument(f"session {sid} already exists; resume it with resume_after_event_id")
-            cfg = settings_to_hash(settings.session) | {
-                "sample_rate": str(settings.sample_rate), "encoding": settings.encoding,
-                "channels": str(settings.channels), "language": settings.language, "created": f"{time.time():.3f}",
-            }
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(keys.session_config(sid), mapping=cfg)
-            pipe.expire(keys.session_config(sid), self.defaults.session_ttl_s)
-            pipe.zadd(keys.ACTIVE_SESSIONS, {sid: int(time.time() * 1000)})
-            pipe.execute()
+        cfg = settings_to_hash(settings.session) | {
+            "sample_rate": str(settings.sample_rate), "encoding": settings.encoding,
+            "channels": str(settings.channels), "language": settings.language, "created": f"{time.time():.3f}",
+        }
+        if not self.redis.hsetnx(keys.session_config(sid), "created", cfg["created"]):  # claims the id atomically
+            raise InvalidArgument(f"session {sid} already exists; resume it instead")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.session_config(sid), mapping=cfg)
+        pipe.expire(keys.session_config(sid), self.defaults.session_ttl_s)
+        pipe.execute()
+        try:
             self.encoder.open(sid, settings.session.hop_seconds)
-            session = LiveSession(self, sid, settings)
+        except BaseException:
+            self.redis.delete(keys.session_config(sid))
+            raise
+        # Only now do LM workers see it: a session without an encoder session would wait forever.
+        self.redis.zadd(keys.ACTIVE_SESSIONS, {sid: int(time.time() * 1000)})
+        session = LiveSession(self, sid, settings)
+        with self._lock:
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
         log.info("session %s started (%d Hz %s x%d, window %.1f s, hop %.1f s)", sid, settings.sample_rate,
@@ -210,19 +217,24 @@ class LiveGateway:
                 s.generation += 1
                 s.touch()
                 return s
-            raw = self.redis.hgetall(keys.session_config(sid))
-            if not raw:
-                raise NotFound(f"session {sid} does not exist or has expired")
-            get = {k.decode(): v.decode() for k, v in raw.items()}
-            settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
-                                      settings_from_hash(raw), get.get("language", ""))
-            last_seq, reattached = self.encoder.open(sid, settings.session.hop_seconds)
-            if not reattached:
-                # The encoder no longer holds this session's audio (it restarted, or the session was
-                # closed): its publications would restart at seq 1 and never reach the captions.
-                self.encoder.close(sid, flush=False)
-                raise FailedPrecondition(f"session {sid} can no longer be resumed: the encoder lost its audio "
-                                         "state; start a new session")
+        raw = self.redis.hgetall(keys.session_config(sid))
+        if not raw:
+            raise NotFound(f"session {sid} does not exist or has expired")
+        get = {k.decode(): v.decode() for k, v in raw.items()}
+        settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
+                                  settings_from_hash(raw), get.get("language", ""))
+        last_seq, reattached = self.encoder.open(sid, settings.session.hop_seconds)
+        if not reattached:
+            # The encoder no longer holds this session's audio (it restarted, or the session was
+            # closed): its publications would restart at seq 1 and never reach the captions.
+            self.encoder.close(sid, flush=False)
+            raise FailedPrecondition(f"session {sid} can no longer be resumed: the encoder lost its audio "
+                                     "state; start a new session")
+        with self._lock:
+            if sid in self._sessions:  # resumed concurrently through another call
+                s = self._sessions[sid]
+                s.generation += 1
+                return s
             session = LiveSession(self, sid, settings, audio_seq=last_seq, resumed=True)
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))

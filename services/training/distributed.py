@@ -59,6 +59,14 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over the ranks (rank 0 passes the real one, the others -1)."""
+        if not self.active:
+            return value
+        t = self._tensor(value, torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is True on any (rank 0 decides to stop, all stop together)."""
         if not self.active:

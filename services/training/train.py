@@ -321,9 +321,12 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.resume:
-            latest = self.latest_checkpoint()
-            if latest is not None:
-                self.restore(latest)
+            # Rank 0 picks the checkpoint and every rank loads that one (a rank that cannot see it
+            # fails loudly instead of training from another step).
+            latest = self.latest_checkpoint() if self.dist.main else None
+            step = self.dist.max_int(int(latest.name.split("-")[1]) if latest is not None else -1)
+            if step >= 0:
+                self.restore(self._ckpt_dir(step))
         sampler = EpochSampler([r.seconds for r in self.train_rows], cfg.seed)
         batches = sampler.batches(cfg.batch_size, self.epoch, self.batch_in_epoch, self.dist.rank, self.dist.world)
         stream = prefetch(self.train_rows, self.processor, batches)
