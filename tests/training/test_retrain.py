@@ -34,6 +34,7 @@ def test_card_documents_synth_and_train() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TIME_LIMIT_S + 600)
 def test_documented_command_retrains_from_scratch(tmp_path: Path) -> None:
     t0 = time.monotonic()
     for cmd in documented_commands():
