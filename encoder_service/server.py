@@ -24,7 +24,7 @@ from services.model.checkpoint import load_model
 from services.model.modeling import MiDashengLM
 from services.model.processor import prepare_audio
 from services.pb.midasheng.v1 import encoder_pb2, encoder_pb2_grpc
-from services.runtime import redis_url_from, wait_for_shutdown
+from services.runtime import Periodic, redis_url_from, wait_for_shutdown
 from services.streaming.codec import PAYLOAD_FIELD, tokens_to_bytes
 from services.transport import keys
 from services.transport.keys import TransportDefaults
@@ -113,14 +113,12 @@ class EncoderServer:
     port: int
     batcher: EncoderBatcher
     sessions: EncoderSessions
-    _stop: threading.Event
-    _reaper: threading.Thread
+    _reaper: Periodic
 
     def stop(self, grace: float = 2.0) -> None:
-        self._stop.set()
+        self._reaper.stop()
         self.server.stop(grace).wait(grace + 1)
         self.batcher.stop()
-        self._reaper.join(timeout=2)
 
 
 def start_encoder_server(
@@ -142,16 +140,9 @@ def start_encoder_server(
     rpc.add_health_and_reflection(server, [SERVICE])
     port = rpc.bind(server, address)
     server.start()
-    stop = threading.Event()
-
-    def reap() -> None:
-        while not stop.wait(5.0):
-            sessions.expire_idle(idle_seconds)
-
-    reaper = threading.Thread(target=reap, name="encoder-reaper", daemon=True)
-    reaper.start()
+    reaper = Periodic("encoder-reaper", 5.0, lambda: sessions.expire_idle(idle_seconds)).start()
     log.info("encoder service listening on port %d", port)
-    return EncoderServer(server, port, batcher, sessions, stop, reaper)
+    return EncoderServer(server, port, batcher, sessions, reaper)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +17,7 @@ from services.gateway.live import GatewayLimits, LiveGateway
 from services.gateway.webrtc import ice_servers_from
 from services.metrics import serve_metrics
 from services.pb.midasheng.v1 import captions_pb2_grpc
-from services.runtime import redis_url_from, wait_for_shutdown
+from services.runtime import Periodic, redis_url_from, wait_for_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +28,7 @@ class GatewayServer:
     port: int
     gateway: LiveGateway
     encoder: GrpcEncoderLink
-    _stop: threading.Event
-    _reaper: threading.Thread
+    _reaper: Periodic
     http: HttpServer | None = None
 
     @property
@@ -40,9 +38,8 @@ class GatewayServer:
     def stop(self, grace: float = 2.0) -> None:
         if self.http is not None:
             self.http.stop()  # closes WebRTC peers (finalizing their sessions) while the encoder link is up
-        self._stop.set()
+        self._reaper.stop()
         self.server.stop(grace).wait(grace + 1)
-        self._reaper.join(timeout=2)
         self.encoder.shutdown()
 
 
@@ -57,19 +54,9 @@ def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, ad
     rpc.add_health_and_reflection(server, [SERVICE])
     port = rpc.bind(server, address)
     server.start()
-    stop = threading.Event()
-
-    def reap() -> None:
-        while not stop.wait(1.0):
-            try:
-                gateway.reap()
-            except Exception:  # keep reaping; one bad session must not stop the loop
-                log.exception("reaping sessions failed")
-
-    reaper = threading.Thread(target=reap, name="gateway-reaper", daemon=True)
-    reaper.start()
+    reaper = Periodic("gateway-reaper", 1.0, gateway.reap).start()
     log.info("gateway listening on port %d", port)
-    srv = GatewayServer(server, port, gateway, encoder, stop, reaper)
+    srv = GatewayServer(server, port, gateway, encoder, reaper)
     if http_address:
         try:
             srv.http = start_http(gateway, *parse_address(http_address), token=token,
