@@ -40,6 +40,10 @@ SERVICE = "midasheng.v1.CaptionService"
 POLL_MS = 50  # caption relay poll while the client is sending
 END_TIMEOUT_S = 120.0  # after the audio ended, the longest wait for the LM's end marker
 REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
+# grpc reports a cancelled stream to the request iterator as an ordinary end of messages when the
+# empty read completes before the cancellation does; both come from the same completion-queue
+# thread, back to back, so an end not followed by termination within this long is a real half-close.
+HALF_CLOSE_GRACE_S = 0.25
 RPC_TIMEOUT_S = 30.0
 ENCODINGS = {captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16", captions_pb2.LINEAR16: "LINEAR16",
              captions_pb2.FLOAT32: "FLOAT32"}
@@ -155,7 +159,11 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     def StreamCaptions(self, request_iterator, context):  # type: ignore[no-untyped-def]
         self._check_auth(context)
         inbox: queue.Queue[object] = queue.Queue(maxsize=REQUEST_QUEUE)
-        reader = threading.Thread(target=_pump, args=(request_iterator, inbox), name="stream-reader", daemon=True)
+        terminated = threading.Event()
+        if not context.add_callback(terminated.set):
+            return  # the call already ended
+        reader = threading.Thread(target=_pump, args=(request_iterator, inbox, terminated), name="stream-reader",
+                                  daemon=True)
         reader.start()
         limits = self.gateway.limits
         try:
@@ -287,11 +295,17 @@ def _forward(method, request, context):  # type: ignore[no-untyped-def]
         context.abort(e.code(), e.details())
 
 
-def _pump(requests: Iterator[object], inbox: queue.Queue[object]) -> None:
-    """Reads the client's messages into the bounded inbox (blocks when it is full: back-pressure)."""
+def _pump(requests: Iterator[object], inbox: queue.Queue[object], terminated: threading.Event) -> None:
+    """Reads the client's messages into the bounded inbox (blocks when it is full: back-pressure).
+
+    ``terminated`` is set when the call ends; an end of messages that turns out to be a
+    cancellation is a dropped connection (the session stays resumable), not a half-close."""
     try:
         for req in requests:
             inbox.put(req, timeout=300)
+        if terminated.wait(HALF_CLOSE_GRACE_S):
+            inbox.put(_DROPPED, timeout=5)
+            return
         inbox.put(_END, timeout=300)
     except grpc.RpcError:
         inbox.put(_DROPPED, timeout=5)  # the client vanished: the session waits for a resume
