@@ -98,6 +98,9 @@ class LiveSession:
         self.generation = 0  # bumped by every resume: only the newest call may detach the session
         self.last_activity = time.monotonic()
         self.lock = threading.Lock()
+        # (seq, samples) of a chunk whose push failed: the converter has already moved past it, so a
+        # re-send of that seq pushes these samples instead of converting the bytes a second time.
+        self._unpushed: tuple[int, np.ndarray] | None = None
 
     @property
     def seconds(self) -> float:
@@ -120,16 +123,22 @@ class LiveSession:
             if seq and seq != self.audio_seq + 1:
                 raise InvalidArgument(f"audio chunk seq {seq} skips ahead of {self.audio_seq + 1}")
             t0 = time.monotonic()
-            try:
-                samples = self.converter.convert(data)
-            except InvalidArgument:
-                metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
-                raise
+            nxt = self.audio_seq + 1
+            if seq and self._unpushed is not None and self._unpushed[0] == seq:
+                samples = self._unpushed[1]
+            else:
+                try:
+                    samples = self.converter.convert(data)
+                except InvalidArgument:
+                    metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
+                    raise
             if (self.samples + samples.size) / 16000 > limits.max_session_seconds:
                 raise ResourceExhausted(f"the session reached its maximum of {limits.max_session_seconds:.0f} s")
             # Counted only once the encoder has it: a failed push can be sent again with the same seq.
-            self.gateway.encoder.push(self.sid, self.audio_seq + 1, samples)
-            self.audio_seq += 1
+            self._unpushed = (nxt, samples)
+            self.gateway.encoder.push(self.sid, nxt, samples)
+            self._unpushed = None
+            self.audio_seq = nxt
             self.samples += samples.size
             self.touch()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
