@@ -53,3 +53,7 @@ class FailedPrecondition(MidashengError):
 
 class DeadlineExceeded(MidashengError, TimeoutError):
     """A wait ran out (e.g. a client that never sends its first message)."""
+
+
+class Unavailable(MidashengError):
+    """A service this one depends on did not answer; retrying later may work (maps to UNAVAILABLE)."""

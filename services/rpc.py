@@ -29,6 +29,7 @@ STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.MidashengError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -44,11 +45,22 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if context.code() is not None:
+        raise exc  # context.abort() already chose the status (and raised a bare Exception)
+    if isinstance(exc, grpc.Call):  # a call to another service failed: pass its status on
+        code = exc.code()
+        log.warning("%s: a call to another service failed: %s: %s", method, code.name, exc.details())
+        context.abort(code, f"a service behind this one failed: {exc.details() or code.name}")
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in %s", method)
         context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
     context.abort(code, str(exc))
+
+
+def _is_cancellation(exc: Exception) -> bool:
+    """The request iterator of a cancelled call raises a bare RpcError (no status of its own)."""
+    return isinstance(exc, grpc.RpcError) and not isinstance(exc, (grpc.Call, errors.MidashengError))
 
 
 def unary(fn: F) -> F:
@@ -59,8 +71,8 @@ def unary(fn: F) -> F:
         try:
             return fn(self, request, context)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) and not isinstance(exc, errors.MidashengError):
-                raise  # context.abort() already chose the status
+            if _is_cancellation(exc):
+                raise
             _abort(context, exc, fn.__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -74,7 +86,7 @@ def streaming(fn: F) -> F:
         try:
             yield from fn(self, request, context)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) and not isinstance(exc, errors.MidashengError):
+            if _is_cancellation(exc):
                 raise
             _abort(context, exc, fn.__name__)
 
@@ -90,6 +102,19 @@ def make_server(max_workers: int = 32) -> grpc.Server:
             ("grpc.so_reuseport", 0),
         ],
     )
+
+
+def internal_channel(target: str) -> grpc.Channel:
+    """A channel between this project's services: large messages, and a reconnect backoff capped at
+    a few seconds so that a restarted service is reached again promptly (gRPC's default grows to
+    two minutes)."""
+    return grpc.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 3000),
+    ])
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,7 +24,10 @@ from services.errors import (
     FailedPrecondition,
     InvalidArgument,
     MidashengError,
+    NotFound,
+    ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from services.gateway.live import Event, GatewayLimits, LiveGateway, LiveSession, StreamSettings
 from services.pb.midasheng.v1 import (
@@ -52,33 +56,56 @@ END_REASONS = {"end_of_stream": captions_pb2.SessionEnded.CLIENT_CLOSED, "error"
 
 
 class GrpcEncoderLink:
-    """EncoderLink over gRPC with a timeout on every call."""
+    """EncoderLink over gRPC with a timeout on every call; its failures become named errors."""
 
     def __init__(self, target: str, timeout: float = RPC_TIMEOUT_S) -> None:
-        self.channel = grpc.insecure_channel(target)
+        self.target = target
+        self.channel = rpc.internal_channel(target)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
         self.timeout = timeout
 
+    def _call(self, method: Any, request: Any, sid: str) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise encoder_error(e, sid, self.target) from e
+
     def open(self, sid: str, emit_seconds: float) -> tuple[int, bool]:
-        r = self.stub.OpenSession(encoder_pb2.OpenSessionRequest(session_id=sid, emit_interval_seconds=emit_seconds),
-                                  timeout=self.timeout)
+        r = self._call(self.stub.OpenSession,
+                       encoder_pb2.OpenSessionRequest(session_id=sid, emit_interval_seconds=emit_seconds), sid)
         return int(r.last_seq), bool(r.reattached)
 
     def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
-        self.stub.PushAudio(encoder_pb2.PushAudioRequest(
+        self._call(self.stub.PushAudio, encoder_pb2.PushAudioRequest(
             session_id=sid, seq=seq, format=encoder_pb2.SAMPLE_FORMAT_FLOAT32,
-            data=np.ascontiguousarray(samples, dtype="<f4").tobytes(), end_of_stream=end_of_stream),
-            timeout=self.timeout)
+            data=np.ascontiguousarray(samples, dtype="<f4").tobytes(), end_of_stream=end_of_stream), sid)
 
     def close(self, sid: str, flush: bool) -> None:
         try:
-            self.stub.CloseSession(encoder_pb2.CloseSessionRequest(session_id=sid, flush=flush), timeout=self.timeout)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:
-                raise
+            self._call(self.stub.CloseSession, encoder_pb2.CloseSessionRequest(session_id=sid, flush=flush), sid)
+        except NotFound:
+            pass
 
     def shutdown(self) -> None:
         self.channel.close()
+
+
+def encoder_error(e: grpc.RpcError, sid: str, target: str) -> Exception:
+    """What a failed encoder call means to the gateway's client."""
+    code = e.code() if isinstance(e, grpc.Call) else None
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"the encoder service at {target} did not answer ({code.name}: {details}); "
+                           f"resume session {sid} once it is back")
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"the encoder holds no session {sid} (it restarted or closed it): {details}")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(details)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(details)
+    return e
 
 
 def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
@@ -146,7 +173,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     token: str | None = None
 
     def __post_init__(self) -> None:
-        self._lm = lm_pb2_grpc.LMServiceStub(grpc.insecure_channel(self.lm_target)) if self.lm_target else None
+        self._lm = lm_pb2_grpc.LMServiceStub(rpc.internal_channel(self.lm_target)) if self.lm_target else None
 
     def _check_auth(self, context: grpc.ServicerContext) -> None:
         if not self.token:

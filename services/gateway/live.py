@@ -136,12 +136,20 @@ class LiveSession:
                 raise ResourceExhausted(f"the session reached its maximum of {limits.max_session_seconds:.0f} s")
             # Counted only once the encoder has it: a failed push can be sent again with the same seq.
             self._unpushed = (nxt, samples)
-            self.gateway.encoder.push(self.sid, nxt, samples)
+            self._push(nxt, samples)
             self._unpushed = None
             self.audio_seq = nxt
             self.samples += samples.size
             self.touch()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
+
+    def _push(self, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
+        try:
+            self.gateway.encoder.push(self.sid, seq, samples, end_of_stream=end_of_stream)
+        except NotFound as e:
+            self.ended = True  # nothing sent from now on can be captioned
+            raise FailedPrecondition(f"session {self.sid} lost its audio state in the encoder (it restarted); "
+                                     "start a new session") from e
 
     def finalize(self) -> None:
         """No more audio: the encoder flushes, the LM writes the last final caption and the end."""
@@ -149,7 +157,7 @@ class LiveSession:
             if self.ended:
                 return
             tail = self.converter.flush()
-            self.gateway.encoder.push(self.sid, self.audio_seq + 1, tail, end_of_stream=True)
+            self._push(self.audio_seq + 1, tail, end_of_stream=True)
             self.ended = True  # only once the encoder has the end (a failed finalize can be retried)
             self.audio_seq += 1
             self.samples += tail.size
@@ -217,32 +225,40 @@ class LiveGateway:
         return session
 
     def resume(self, sid: str) -> LiveSession:
-        """Reattach to a session after a dropped connection (this gateway or another)."""
+        """Reattach to a session after a dropped connection (this gateway or another).
+
+        A session still taking audio must still be held by the encoder; a finalized one only
+        replays its events."""
+        with self._lock:
+            known = self._sessions.get(sid)
+        if known is not None:
+            settings = known.settings
+        else:
+            raw = self.redis.hgetall(keys.session_config(sid))
+            if not raw:
+                raise NotFound(f"session {sid} does not exist or has expired")
+            get = {k.decode(): v.decode() for k, v in raw.items()}
+            settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
+                                      settings_from_hash(raw), get.get("language", ""))
+        last_seq = 0
+        if known is None or not known.ended:
+            last_seq, reattached = self.encoder.open(sid, settings.session.hop_seconds)
+            if not reattached:
+                # The encoder no longer holds this session's audio (it restarted, or the session was
+                # closed): its publications would restart at seq 1 and never reach the captions.
+                self.encoder.close(sid, flush=False)
+                if known is not None:
+                    known.ended = True
+                    self.forget(known)
+                raise FailedPrecondition(f"session {sid} can no longer be resumed: the encoder lost its audio "
+                                         "state; start a new session")
         with self._lock:
             self._detached.pop(sid, None)
-            if sid in self._sessions:
+            if sid in self._sessions:  # held here (or resumed concurrently through another call)
                 s = self._sessions[sid]
                 s.resumed = True
                 s.generation += 1
                 s.touch()
-                return s
-        raw = self.redis.hgetall(keys.session_config(sid))
-        if not raw:
-            raise NotFound(f"session {sid} does not exist or has expired")
-        get = {k.decode(): v.decode() for k, v in raw.items()}
-        settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
-                                  settings_from_hash(raw), get.get("language", ""))
-        last_seq, reattached = self.encoder.open(sid, settings.session.hop_seconds)
-        if not reattached:
-            # The encoder no longer holds this session's audio (it restarted, or the session was
-            # closed): its publications would restart at seq 1 and never reach the captions.
-            self.encoder.close(sid, flush=False)
-            raise FailedPrecondition(f"session {sid} can no longer be resumed: the encoder lost its audio "
-                                     "state; start a new session")
-        with self._lock:
-            if sid in self._sessions:  # resumed concurrently through another call
-                s = self._sessions[sid]
-                s.generation += 1
                 return s
             session = LiveSession(self, sid, settings, audio_seq=last_seq, resumed=True)
             self._sessions[sid] = session

@@ -217,8 +217,18 @@ class Trainer:
                 target_modules=list(cfg.lora_targets),
             )
             model = get_peft_model(model, lora)  # type: ignore[assignment]
-        model.train()
+        self._train_mode(model)
         return model, tokenizer
+
+    def _train_mode(self, model: Any) -> None:
+        """Training mode, except that a pretrained model's ``init_bn`` keeps normalizing with its
+        running statistics: batch statistics would train the model on inputs scaled differently from
+        what it sees when served, and a LoRA adapter (which stores no BatchNorm state) would be used
+        with statistics it was not trained under. A model trained from scratch learns them."""
+        model.train()
+        if self.cfg.architecture is None:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.audio_encoder.init_bn.eval()
 
     @property
     def base_model(self) -> MiDashengLM:
@@ -315,7 +325,7 @@ class Trainer:
             batch = collate(self.processor, rows[i : i + batch_size], with_answers=False)
             ids = generate(self.base_model, batch, self.processor.stop_ids(), opts, pad_id=self.processor.pad_id)
             preds.extend(self.processor.decode(r) for r in ids)
-        self.model.train()
+        self._train_mode(self.model)
         return corpus_scores(preds, [r.prediction for r in rows])
 
     def train(self) -> dict[str, Any]:

@@ -118,8 +118,14 @@ def test_resume_continues_exactly(small_data: Path, tmp_path: Path) -> None:
 
 def test_lora_adapter_saves_reloads_and_merges(small_data: Path, tmp_path: Path) -> None:
     base = Trainer(_cfg(small_data, tmp_path / "base", max_steps=2)).train()["model"]
-    result = Trainer(_cfg(small_data, tmp_path / "lora", model=base, architecture=None, method="lora",
-                          lora_rank=4, max_steps=3)).train()
+    trainer = Trainer(_cfg(small_data, tmp_path / "lora", model=base, architecture=None, method="lora",
+                           lora_rank=4, max_steps=3))
+    result = trainer.train()
+    # A pretrained model's input BatchNorm keeps its running statistics (the adapter stores none).
+    bn, base_bn = trainer.base_model.audio_encoder.init_bn, load_model(base).audio_encoder.init_bn
+    assert not bn.training
+    torch.testing.assert_close(bn.running_mean, base_bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(bn.running_var, base_bn.running_var, rtol=0, atol=0)
     adapter, merged = Path(result["adapter"]), Path(result["merged"])
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert (merged / "config.json").exists() and (merged / "model.safetensors").exists()
