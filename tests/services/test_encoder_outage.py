@@ -16,7 +16,16 @@ from encoder_service.server import start_encoder_server
 from services.model.modeling import MiDashengLM
 from services.pb.midasheng.v1 import captions_pb2
 from tests.services.conftest import LiveStack
-from tests.services.helpers import STREAM_TIMEOUT_S, Feeder, audio_req, clip, collect, config, pcm_chunks, requests_for
+from tests.services.helpers import (
+    STREAM_TIMEOUT_S,
+    Feeder,
+    audio_req,
+    clip,
+    collect,
+    config,
+    pcm_chunks,
+    requests_for,
+)
 
 CALL_TIMEOUT_S = 30.0
 
