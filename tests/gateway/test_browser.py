@@ -74,6 +74,10 @@ def test_microphone_to_live_captions_in_chromium(redis_url: str, models: tuple[A
             assert sid
 
             tone = wait_caption(page, lambda t: "high_tone" in t, 25, "the high tone")
+            page.wait_for_function("document.getElementById('level').dataset.engine", timeout=10_000)
+            engine = page.evaluate("document.getElementById('level').dataset.engine")
+            level = page.evaluate("document.getElementById('level').value")
+            assert engine == "running" and level > -60, f"level meter: engine {engine}, {level} dB during the tone"
             noise = wait_caption(page, lambda t: "white_noise" in t and "high_tone" not in t, 30,
                                  "the white noise (after the tone)")
             assert page.get_by_test_id("live-revision").is_visible()

@@ -100,7 +100,7 @@ function startMeter(track) {
   analyser.fftSize = 2048;
   source.connect(analyser); // not connected to the speakers: no echo
   const buf = new Float32Array(analyser.fftSize);
-  const meter = { ctx, timer: 0 };
+  const meter = { ctx, timer: 0, check: 0 };
   const tick = () => {
     analyser.getFloatTimeDomainData(buf);
     let sum = 0;
@@ -113,11 +113,21 @@ function startMeter(track) {
   };
   meter.timer = setInterval(tick, 100); // setInterval keeps running in background tabs (unlike rAF)
   ctx.resume().catch(() => {});
+  // Without an audio output device some browsers never start Web Audio: say so instead of "silent".
+  meter.check = setTimeout(() => {
+    ui.level.dataset.engine = ctx.state;
+    if (ctx.state !== "running") {
+      clearInterval(meter.timer);
+      ui.levelText.textContent = "level unavailable (the browser's audio engine did not start)";
+    }
+  }, 3000);
   return meter;
 }
 function stopMeter(meter) {
   if (!meter) return;
   clearInterval(meter.timer);
+  clearTimeout(meter.check);
+  delete ui.level.dataset.engine;
   meter.ctx.close().catch(() => {});
   ui.level.value = -60;
   ui.levelText.textContent = "–∞ dB";
