@@ -155,7 +155,7 @@ class Session:
         return str((await self.cmd("browsingContext.create", {"type": "tab"}))["context"])
 
     async def screenshot(self, context: str, path: Path) -> None:
-        r = await self.cmd("browsingContext.captureScreenshot", {"context": context})
+        r = await self.cmd("browsingContext.captureScreenshot", {"context": context, "origin": "document"})
         path.write_bytes(base64.b64decode(r["data"]))
 
     def console(self, level: str | None = None) -> list[str]:
