@@ -96,8 +96,16 @@ def test_ten_peers_for_a_minute(stack: Stack) -> None:  # noqa: F811
     clients, rss = asyncio.run(run())
     assert time.monotonic() - t0 >= 60
     for c in clients:
-        texts = [m["text"] for m in c.messages if m["type"] == "caption" and m.get("is_final")]
-        assert len(texts) >= 8, texts  # a final per 6 s segment for a minute
+        finals = [m for m in c.messages if m["type"] == "caption" and m.get("is_final")]
+        texts = [m["text"] for m in finals]
+        received = next(m for m in c.messages if m["type"] == "ended")["audio_seconds"]
+        # Real-time senders share this process with the whole stack: how much of the minute arrives
+        # depends on load (about 58 s on two idle cores, 37 s measured with one core taken)...
+        assert received >= 30, (received, texts)
+        # ...and every 6 s segment of what arrived has its final caption, in order, none lost.
+        assert [m["segment_id"] for m in finals] == list(range(len(finals))), texts
+        # (to within one 5 Hz audio token: a shorter tail makes no token)
+        assert finals[-1]["window_end"] == pytest.approx(received, abs=0.2), (received, finals[-1])
         named = {t for text in texts for t in types_in_caption(text)}
         assert {"high_tone", "pink_noise"} <= named, texts
     # Bounded: after the warm-up (buffers, caches, allocator arenas: measured here to settle within
