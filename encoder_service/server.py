@@ -57,7 +57,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     @rpc.unary
     def OpenSession(self, request, context):  # type: ignore[no-untyped-def]
-        last_seq, reattached = self.sessions.open(request.session_id, request.emit_interval_seconds)
+        last_seq, reattached = self.sessions.open(request.session_id, request.emit_interval_seconds,
+                                                  reattach_only=request.reattach_only)
         cfg = self.model.config
         return encoder_pb2.OpenSessionResponse(
             session_id=request.session_id,
@@ -114,11 +115,14 @@ class EncoderServer:
     batcher: EncoderBatcher
     sessions: EncoderSessions
     _reaper: Periodic
+    redis: redis.Redis | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         self._reaper.stop()
         self.server.stop(grace).wait(grace + 1)
         self.batcher.stop()
+        if self.redis is not None:
+            self.redis.close()
 
 
 def start_encoder_server(
@@ -142,7 +146,7 @@ def start_encoder_server(
     server.start()
     reaper = Periodic("encoder-reaper", 5.0, lambda: sessions.expire_idle(idle_seconds)).start()
     log.info("encoder service listening on port %d", port)
-    return EncoderServer(server, port, batcher, sessions, reaper)
+    return EncoderServer(server, port, batcher, sessions, reaper, client)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

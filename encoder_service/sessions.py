@@ -81,8 +81,10 @@ class EncoderSessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, sid: str, emit_seconds: float = 0.0) -> tuple[int, bool]:
-        """Create (or reattach to) a session; returns (last audio seq, reattached)."""
+    def open(self, sid: str, emit_seconds: float = 0.0, reattach_only: bool = False) -> tuple[int, bool]:
+        """Create (or reattach to) a session; returns (last audio seq, reattached).
+
+        With ``reattach_only`` a session this encoder does not hold is NotFound, not created."""
         if not sid:
             raise InvalidArgument("session_id is required")
         emit = emit_seconds or DEFAULT_EMIT_SECONDS
@@ -92,6 +94,8 @@ class EncoderSessions:
             st = self._sessions.get(sid)
             if st is not None and not st.closed:
                 return st.last_audio_seq, True
+            if reattach_only:
+                raise NotFound(f"encoder session {sid!r} does not exist (the encoder restarted, expired or closed it)")
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"this encoder holds its maximum of {self.max_sessions} sessions")
             cfg = self.model.config

@@ -134,6 +134,8 @@ class LMServer:
         self.server.stop(grace).wait(grace + 1)
         for t in self.threads:
             t.join(timeout=5)
+        for w in self.servicer.workers:
+            w.redis.close()
 
 
 def build_engine(model_dir: str | None, device: str = "auto", dtype: str | None = None,

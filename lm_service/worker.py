@@ -154,6 +154,24 @@ class LMWorker:
         self._claim_pending(session)  # a dead owner's pending publications become ours (we hold the lease)
         self.sessions[sid] = session
 
+    def _drop_abandoned(self) -> None:
+        """Let go of owned sessions that left the active set without this worker ending them: the
+        gateway abandoned them (their encoder state is gone) and already wrote their end."""
+        sids = list(self.sessions)
+        if not sids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.zscore(keys.ACTIVE_SESSIONS, sid)
+        for sid, score in zip(sids, pipe.execute(), strict=True):
+            if score is None and sid in self.sessions:
+                log.info("session %s left the active set (abandoned by its gateway); letting it go", sid)
+                lease_key = keys.session_lease(sid)
+                self.heartbeat.discard(lease_key)
+                self.lease.release(lease_key, self.worker_id)
+                self.sessions.pop(sid, None)
+        metrics.LM_SESSIONS.set(len(self.sessions))
+
     def _expire_silent(self, now: float) -> None:
         """End sessions that got no publication for ``silent_session_s`` (their encoder or gateway is gone)."""
         for session in [s for s in self.sessions.values() if now - s.last_publication > self.silent_session_s]:
@@ -189,6 +207,7 @@ class LMWorker:
         if now - self._last_scan >= self.defaults.heartbeat_ms / 1000 / 2:
             self._last_scan = now
             self.adopt_free_sessions()
+            self._drop_abandoned()
             self._report_pending()
             self._expire_silent(now)
         if not self.sessions:

@@ -7,6 +7,7 @@ first message must be a SessionConfig; a client that sends nothing gets DEADLINE
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -70,9 +71,9 @@ class GrpcEncoderLink:
         except grpc.RpcError as e:
             raise encoder_error(e, sid, self.target) from e
 
-    def open(self, sid: str, emit_seconds: float) -> tuple[int, bool]:
-        r = self._call(self.stub.OpenSession,
-                       encoder_pb2.OpenSessionRequest(session_id=sid, emit_interval_seconds=emit_seconds), sid)
+    def open(self, sid: str, emit_seconds: float, reattach_only: bool = False) -> tuple[int, bool]:
+        r = self._call(self.stub.OpenSession, encoder_pb2.OpenSessionRequest(
+            session_id=sid, emit_interval_seconds=emit_seconds, reattach_only=reattach_only), sid)
         return int(r.last_seq), bool(r.reattached)
 
     def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
@@ -90,22 +91,23 @@ class GrpcEncoderLink:
         self.channel.close()
 
 
-def encoder_error(e: grpc.RpcError, sid: str, target: str) -> Exception:
-    """What a failed encoder call means to the gateway's client."""
-    code = e.code() if isinstance(e, grpc.Call) else None
-    details = e.details() if isinstance(e, grpc.Call) else str(e)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"the encoder service at {target} did not answer ({code.name}: {details}); "
-                           f"resume session {sid} once it is back")
+def encoder_error(e: grpc.RpcError, sid: str, target: str) -> MidashengError:
+    """What a failed encoder call means to the gateway's client (the encoder's address and its
+    transport details go to the log, not to the client)."""
+    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (e.details() if isinstance(e, grpc.Call) else str(e)) or code.name
     if code is grpc.StatusCode.NOT_FOUND:
-        return NotFound(f"the encoder holds no session {sid} (it restarted or closed it): {details}")
+        return NotFound(f"the encoder holds no session {sid}: {details}")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(details)
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(details)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(details)
-    return e
+    log.warning("encoder service at %s failed for session %s: %s: %s", target, sid, code.name, details)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"the encoder service did not answer ({code.name})")
+    return Unavailable(f"the encoder service failed ({code.name}); see the gateway log")
 
 
 def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
@@ -173,7 +175,12 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     token: str | None = None
 
     def __post_init__(self) -> None:
-        self._lm = lm_pb2_grpc.LMServiceStub(rpc.internal_channel(self.lm_target)) if self.lm_target else None
+        self._lm_channel = rpc.internal_channel(self.lm_target) if self.lm_target else None
+        self._lm = lm_pb2_grpc.LMServiceStub(self._lm_channel) if self._lm_channel else None
+
+    def close(self) -> None:
+        if self._lm_channel is not None:
+            self._lm_channel.close()
 
     def _check_auth(self, context: grpc.ServicerContext) -> None:
         if not self.token:
@@ -244,7 +251,11 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                     elif isinstance(item, BaseException):
                         raise item
                     else:
-                        self._handle(session, item)  # type: ignore[arg-type]
+                        try:
+                            self._handle(session, item)  # type: ignore[arg-type]
+                        except Unavailable as e:
+                            raise Unavailable(f"{e}; session {session.sid} can be resumed (send from "
+                                              f"SessionStarted.last_seq + 1) once it is back") from e
                 if not session.ended and time.monotonic() - session.last_activity > limits.idle_timeout_seconds:
                     log.info("session %s idle for %.0f s; finalizing", session.sid, limits.idle_timeout_seconds)
                     session.end_reason = "idle"
@@ -331,12 +342,18 @@ def _pump(requests: Iterator[object], inbox: queue.Queue[object], terminated: th
         for req in requests:
             inbox.put(req, timeout=300)
         if terminated.wait(HALF_CLOSE_GRACE_S):
-            inbox.put(_DROPPED, timeout=5)
+            _last(inbox, _DROPPED)
             return
         inbox.put(_END, timeout=300)
     except grpc.RpcError:
-        inbox.put(_DROPPED, timeout=5)  # the client vanished: the session waits for a resume
+        _last(inbox, _DROPPED)  # the client vanished: the session waits for a resume
     except queue.Full:
-        inbox.put(MidashengError("the stream's message queue stayed full for 300 s"), timeout=5)
+        _last(inbox, MidashengError("the stream's message queue stayed full for 300 s"))
     except Exception as e:  # malformed frames and the like end the call with that error
-        inbox.put(e, timeout=5)
+        _last(inbox, e)
+
+
+def _last(inbox: queue.Queue[object], item: object) -> None:
+    """The reader's final word; dropped when nobody takes messages any more (the call is gone)."""
+    with contextlib.suppress(queue.Full):
+        inbox.put(item, timeout=5)

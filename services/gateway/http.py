@@ -25,7 +25,14 @@ from aiohttp import web
 from aiortc import RTCIceServer
 
 from services.audio.subtitles import TimedCaption, to_webvtt
-from services.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from services.gateway.live import Event, LiveGateway
 from services.gateway.webrtc import (
     WebRtcIngest,
@@ -199,8 +206,10 @@ class HttpApp:
             return _error(400, str(e))
         except NotFound as e:
             return _error(404, str(e))
-        except ResourceExhausted as e:
+        except (ResourceExhausted, Unavailable) as e:
             return _error(503, str(e))
+        except FailedPrecondition as e:
+            return _error(409, str(e))
         except web.HTTPException as e:
             if request.path.startswith("/api/") and e.status >= 400:
                 return _error(e.status, e.reason)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,12 +21,17 @@ import redis
 
 from services import metrics
 from services.audio.pcm import MAX_CHANNELS, MAX_RATE, MIN_RATE, PcmConverter, validate_format
-from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.errors import FailedPrecondition, InvalidArgument, MidashengError, NotFound, ResourceExhausted
 from services.streaming.settings import SessionSettings, settings_from_hash, settings_to_hash
 from services.transport import keys
 from services.transport.keys import TransportDefaults
+from services.transport.streams import StreamClient
 
 log = logging.getLogger(__name__)
+# Fields of a session's config hash (beside its settings) that the gateway keeps for resumes.
+ENDED_FIELD = "ended"  # "1" once the encoder has the end: a resume only replays events
+LAST_SEQ_FIELD = "last_seq"  # the last audio seq, written with ENDED_FIELD
+ABANDONED_FIELD = "abandoned"  # why the session cannot go on (its encoder state is gone)
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
@@ -64,7 +70,7 @@ class StreamSettings:
 class EncoderLink(Protocol):
     """How the gateway reaches the encoder service."""
 
-    def open(self, sid: str, emit_seconds: float) -> tuple[int, bool]: ...
+    def open(self, sid: str, emit_seconds: float, reattach_only: bool = False) -> tuple[int, bool]: ...
 
     def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None: ...
 
@@ -100,7 +106,7 @@ class LiveSession:
         self.lock = threading.Lock()
         # (seq, samples) of a chunk whose push failed: the converter has already moved past it, so a
         # re-send of that seq pushes these samples instead of converting the bytes a second time.
-        self._unpushed: tuple[int, np.ndarray] | None = None
+        self._unpushed: tuple[int, np.ndarray, int] | None = None  # + crc32 of the chunk's bytes
 
     @property
     def seconds(self) -> float:
@@ -125,6 +131,8 @@ class LiveSession:
             t0 = time.monotonic()
             nxt = self.audio_seq + 1
             if seq and self._unpushed is not None and self._unpushed[0] == seq:
+                if self._unpushed[2] != zlib.crc32(data):
+                    raise InvalidArgument(f"audio chunk seq {seq} was sent again with different bytes")
                 samples = self._unpushed[1]
             else:
                 try:
@@ -135,7 +143,7 @@ class LiveSession:
             if (self.samples + samples.size) / 16000 > limits.max_session_seconds:
                 raise ResourceExhausted(f"the session reached its maximum of {limits.max_session_seconds:.0f} s")
             # Counted only once the encoder has it: a failed push can be sent again with the same seq.
-            self._unpushed = (nxt, samples)
+            self._unpushed = (nxt, samples, zlib.crc32(data))
             self._push(nxt, samples)
             self._unpushed = None
             self.audio_seq = nxt
@@ -147,9 +155,9 @@ class LiveSession:
         try:
             self.gateway.encoder.push(self.sid, seq, samples, end_of_stream=end_of_stream)
         except NotFound as e:
-            self.ended = True  # nothing sent from now on can be captioned
-            raise FailedPrecondition(f"session {self.sid} lost its audio state in the encoder (it restarted); "
-                                     "start a new session") from e
+            reason = "the encoder lost its audio state (it restarted or expired the session)"
+            self.gateway.abandon(self.sid, reason, self)
+            raise FailedPrecondition(f"session {self.sid} cannot go on: {reason}; start a new session") from e
 
     def finalize(self) -> None:
         """No more audio: the encoder flushes, the LM writes the last final caption and the end."""
@@ -161,6 +169,7 @@ class LiveSession:
             self.ended = True  # only once the encoder has the end (a failed finalize can be retried)
             self.audio_seq += 1
             self.samples += tail.size
+            self.gateway.mark_ended(self.sid, self.audio_seq)
 
     def close(self) -> None:
         """Stop now without captioning the open window."""
@@ -169,6 +178,7 @@ class LiveSession:
                 return
             self.ended = True
             self.gateway.encoder.close(self.sid, flush=False)
+            self.gateway.mark_ended(self.sid, self.audio_seq)
 
     def events(self, after: str, block_ms: int) -> list[Event]:
         return self.gateway.read_events(self.sid, after, block_ms)
@@ -183,6 +193,7 @@ class LiveGateway:
         self.encoder = encoder
         self.limits = limits or GatewayLimits()
         self.defaults = defaults or TransportDefaults()
+        self.streams = StreamClient(client)
         self._sessions: dict[str, LiveSession] = {}
         self._detached: dict[str, float] = {}  # sid -> monotonic time it lost its client
         self._lock = threading.Lock()
@@ -227,31 +238,33 @@ class LiveGateway:
     def resume(self, sid: str) -> LiveSession:
         """Reattach to a session after a dropped connection (this gateway or another).
 
-        A session still taking audio must still be held by the encoder; a finalized one only
-        replays its events."""
+        A session still taking audio must still be held by the encoder (else FAILED_PRECONDITION:
+        its audio state is gone); a finalized one takes no more audio and only replays its events."""
         with self._lock:
             known = self._sessions.get(sid)
+        raw = self.redis.hgetall(keys.session_config(sid))
+        if known is None and not raw:
+            raise NotFound(f"session {sid} does not exist or has expired")
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        if fields.get(ABANDONED_FIELD):
+            raise FailedPrecondition(f"session {sid} can no longer be resumed: {fields[ABANDONED_FIELD]}; "
+                                     "start a new session")
         if known is not None:
-            settings = known.settings
+            settings, ended, last_seq = known.settings, known.ended, known.audio_seq
         else:
-            raw = self.redis.hgetall(keys.session_config(sid))
-            if not raw:
-                raise NotFound(f"session {sid} does not exist or has expired")
-            get = {k.decode(): v.decode() for k, v in raw.items()}
-            settings = StreamSettings(int(get["sample_rate"]), get["encoding"], int(get["channels"]),
-                                      settings_from_hash(raw), get.get("language", ""))
-        last_seq = 0
-        if known is None or not known.ended:
-            last_seq, reattached = self.encoder.open(sid, settings.session.hop_seconds)
-            if not reattached:
-                # The encoder no longer holds this session's audio (it restarted, or the session was
-                # closed): its publications would restart at seq 1 and never reach the captions.
-                self.encoder.close(sid, flush=False)
-                if known is not None:
-                    known.ended = True
-                    self.forget(known)
-                raise FailedPrecondition(f"session {sid} can no longer be resumed: the encoder lost its audio "
-                                         "state; start a new session")
+            settings = StreamSettings(int(fields["sample_rate"]), fields["encoding"], int(fields["channels"]),
+                                      settings_from_hash(raw), fields.get("language", ""))
+            ended, last_seq = fields.get(ENDED_FIELD) == "1", int(fields.get(LAST_SEQ_FIELD, 0))
+        if not ended:
+            try:
+                last_seq, _ = self.encoder.open(sid, settings.session.hop_seconds, reattach_only=True)
+            except NotFound as e:
+                # The encoder restarted or expired the session: its publications would restart at
+                # seq 1 and never reach the captions.
+                reason = "the encoder lost its audio state"
+                self.abandon(sid, reason, known)
+                raise FailedPrecondition(f"session {sid} can no longer be resumed: {reason}; "
+                                         "start a new session") from e
         with self._lock:
             self._detached.pop(sid, None)
             if sid in self._sessions:  # held here (or resumed concurrently through another call)
@@ -261,9 +274,29 @@ class LiveGateway:
                 s.touch()
                 return s
             session = LiveSession(self, sid, settings, audio_seq=last_seq, resumed=True)
+            session.ended = ended
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
             return session
+
+    def mark_ended(self, sid: str, last_seq: int) -> None:
+        """The encoder has the session's end: a resume from now on only replays events."""
+        self.redis.hset(keys.session_config(sid), mapping={ENDED_FIELD: "1", LAST_SEQ_FIELD: str(last_seq)})
+
+    def abandon(self, sid: str, reason: str, session: LiveSession | None = None) -> None:
+        """Give up on a session that cannot go on (its encoder state is gone): its clients get a
+        fatal error and the end, LM workers let it go, later resumes are refused with ``reason``."""
+        log.warning("abandoning session %s: %s", sid, reason)
+        self.redis.hset(keys.session_config(sid), ABANDONED_FIELD, reason)
+        captions, maxlen = keys.session_captions(sid), self.defaults.captions_maxlen
+        self.streams.add(captions, {"type": "error", "fatal": "1", "code": "FAILED_PRECONDITION",
+                                    "reason": "ENCODER_STATE_LOST", "message": f"{reason}; start a new session"},
+                         maxlen)
+        self.streams.add(captions, {"type": "end", "reason": "error"}, maxlen)
+        self.redis.zrem(keys.ACTIVE_SESSIONS, sid)  # LM workers let it go (see LMWorker._drop_inactive)
+        if session is not None:
+            session.ended = True
+            self.forget(session)
 
     def detach(self, session: LiveSession, generation: int | None = None) -> None:
         """The client went away without ending the session: keep it for a while for a resume.
@@ -295,8 +328,10 @@ class LiveGateway:
             if session is not None:
                 try:
                     session.finalize()
-                except Exception:  # the encoder may be gone; the session ends either way
-                    log.exception("finalizing abandoned session %s failed", sid)
+                except MidashengError as e:  # the encoder may be gone; the session ends either way
+                    log.warning("finalizing session %s (its client did not come back) failed: %s", sid, e)
+                except Exception:
+                    log.exception("finalizing session %s (its client did not come back) failed", sid)
                 self.forget(session)
         return expired
 

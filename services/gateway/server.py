@@ -28,6 +28,7 @@ class GatewayServer:
     port: int
     gateway: LiveGateway
     encoder: GrpcEncoderLink
+    servicer: CaptionServicer
     _reaper: Periodic
     http: HttpServer | None = None
 
@@ -41,6 +42,8 @@ class GatewayServer:
         self._reaper.stop()
         self.server.stop(grace).wait(grace + 1)
         self.encoder.shutdown()
+        self.servicer.close()
+        self.gateway.redis.close()
 
 
 def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, address: str = "127.0.0.1:0",
@@ -50,13 +53,14 @@ def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, ad
     encoder = GrpcEncoderLink(encoder_target)
     gateway = LiveGateway(client, encoder, limits)
     server = rpc.make_server(max_workers=max_workers)
-    captions_pb2_grpc.add_CaptionServiceServicer_to_server(CaptionServicer(gateway, lm_target, token), server)
+    servicer = CaptionServicer(gateway, lm_target, token)
+    captions_pb2_grpc.add_CaptionServiceServicer_to_server(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE])
     port = rpc.bind(server, address)
     server.start()
     reaper = Periodic("gateway-reaper", 1.0, gateway.reap).start()
     log.info("gateway listening on port %d", port)
-    srv = GatewayServer(server, port, gateway, encoder, reaper)
+    srv = GatewayServer(server, port, gateway, encoder, servicer, reaper)
     if http_address:
         try:
             srv.http = start_http(gateway, *parse_address(http_address), token=token,

@@ -223,7 +223,19 @@ class Peer:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         task.set_name(f"{name}-{self.sid}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A peer task that dies of an unexpected error is logged and takes the peer down with it
+        (instead of leaving a peer whose audio is drained into a buffer nobody reads)."""
+        self.tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("peer %s: task %s failed", self.sid, task.get_name(), exc_info=task.exception())
+        if not self.closed and not task.get_name().startswith("close-"):
+            self.send({"type": "error", "message": "internal error; see the gateway log", "reason": "internal",
+                       "fatal": True})
+            self.spawn(self.close("error"), "close")
 
     # --- audio in ---------------------------------------------------------------------------------
     async def drain(self, track: MediaStreamTrack) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import queue
 import re
 import subprocess
@@ -27,7 +26,6 @@ BASE_PREFS: dict[str, Any] = {
     "media.navigator.streams.fake": True,  # getUserMedia gets a generated sine tone
     "media.navigator.permission.disabled": True,  # no permission prompt
     "media.autoplay.default": 0,
-    "media.cubeb.backend": "alsa",  # with ALSA's null device (see Firefox.__init__): Web Audio runs headless
     "media.peerconnection.ice.loopback": True,  # the gateway listens on loopback
     "media.peerconnection.ice.obfuscate_host_addresses": False,  # real host candidates, no mDNS names
     "app.update.disabledForTesting": True,
@@ -58,16 +56,10 @@ class Firefox:
     """A headless Firefox process with its BiDi endpoint; stderr is drained (kept for failures)."""
 
     def __init__(self, binary: str, profile: Path, start_timeout: float = 60.0) -> None:
-        # A machine without a sound card: ALSA's null device as the default output (through a HOME of
-        # the test's own), else Firefox's audio engine never starts and an AudioContext stays suspended.
-        home = profile / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / ".asoundrc").write_text("pcm.!default { type null }\nctl.!default { type hw card 0 }\n")
-        env = {**os.environ, "HOME": str(home)}
         self.proc = subprocess.Popen(
             [binary, "-headless", "-no-remote", "-profile", str(profile), "--remote-debugging-port", "0",
              "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", env=env)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
         self.log: list[str] = []
         found: queue.Queue[str] = queue.Queue(maxsize=1)
         self._drainer = threading.Thread(target=self._drain, args=(found,), daemon=True)

@@ -58,8 +58,9 @@ async def drive(bidi_url: str, base: str) -> tuple[str, str]:
         assert sid
 
         caption = await wait_caption(s, ctx, "high_tone", 40)
-        # The level meter: a reading while Web Audio runs; where the browser cannot start its audio engine
-        # (Firefox with no audio output device, as on a headless CI machine) the page says so in words.
+        # The level meter: a reading while Web Audio runs. Firefox starts its audio engine only with an
+        # audio output device (none on a headless CI machine; its null/ALSA-null backends did not help
+        # here): then the page must say so in words instead of showing a silent meter.
         engine = await s.wait_for(ctx, "document.getElementById('level').dataset.engine", 10, "the meter's check")
         if engine == "running":
             level = await s.eval(ctx, "document.getElementById('level').value")

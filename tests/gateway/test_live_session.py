@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.audio.pcm import PcmConverter
+from services.errors import InvalidArgument
 from services.gateway.live import GatewayLimits, LiveSession, StreamSettings
 
 
@@ -52,3 +53,17 @@ def test_a_resent_chunk_after_a_failed_push_is_pushed_once_and_unchanged(rate: i
     for (_, got), want in zip(enc.pushed, expected, strict=True):
         np.testing.assert_array_equal(got, want)
     assert session.samples == sum(e.size for e in expected)
+
+
+def test_a_resent_chunk_must_carry_the_same_bytes() -> None:
+    enc = FlakyEncoder({2})
+    session = LiveSession(SimpleNamespace(limits=GatewayLimits(), encoder=enc),  # type: ignore[arg-type]
+                          "s", StreamSettings(sample_rate=44100))
+    a, b, c = chunks(44100, 3)
+    session.feed(a, 1)
+    with pytest.raises(PushFailed):
+        session.feed(b, 2)
+    with pytest.raises(InvalidArgument, match="seq 2 was sent again with different bytes"):
+        session.feed(c, 2)
+    session.feed(b, 2)
+    assert [s for s, _ in enc.pushed] == [1, 2]

@@ -44,4 +44,4 @@ def test_half_close_is_reported_within_the_grace() -> None:
     t0 = time.monotonic()
     grpc_api._pump(iter([]), inbox, threading.Event())
     assert inbox.get_nowait() is grpc_api._END
-    assert time.monotonic() - t0 < grpc_api.HALF_CLOSE_GRACE_S + 0.2
+    assert time.monotonic() - t0 < grpc_api.HALF_CLOSE_GRACE_S + 1.0

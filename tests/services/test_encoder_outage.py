@@ -11,10 +11,12 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from encoder_service.server import start_encoder_server
 from services.model.modeling import MiDashengLM
 from services.pb.midasheng.v1 import captions_pb2
+from services.transport import keys
 from tests.services.conftest import LiveStack
 from tests.services.helpers import (
     STREAM_TIMEOUT_S,
@@ -76,6 +78,27 @@ def test_encoder_outage_mid_stream_is_reported_and_recovered_from(
         time.sleep(0.5)
     assert resumed.error.code() == grpc.StatusCode.FAILED_PRECONDITION, resumed.error.details()
     assert "start a new session" in resumed.error.details()
+    # The session is given up everywhere: its stream ends with the reason, LM workers let it go
+    # (lease released, not held until their silence timeout), and later resumes say the same.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        tail = [{k.decode(): v.decode() for k, v in f.items()}
+                for _, f in client.xrevrange(keys.session_captions(sid), count=2)][::-1]
+        assert [t.get("type") for t in tail] == ["error", "end"], tail
+        assert tail[0]["reason"] == "ENCODER_STATE_LOST" and tail[0]["fatal"] == "1", tail
+        assert client.zscore(keys.ACTIVE_SESSIONS, sid) is None
+        deadline = time.monotonic() + 10
+        while client.exists(keys.session_lease(sid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not client.exists(keys.session_lease(sid)), "the LM worker still holds the abandoned session"
+    finally:
+        client.close()
+    again = Feeder()
+    again.put(config(session_id=sid))
+    again.close()
+    refused = collect(stack.stub.StreamCaptions(iter(again), timeout=CALL_TIMEOUT_S))
+    assert refused.error is not None and refused.error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "encoder lost its audio state" in refused.error.details()
 
     ok = collect(stack.stub.StreamCaptions(requests_for(audio[: 3 * 16000]), timeout=STREAM_TIMEOUT_S))
     assert ok.error is None, f"{ok.error}\n{ok.table()}"

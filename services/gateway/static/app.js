@@ -113,7 +113,8 @@ function startMeter(track) {
   };
   meter.timer = setInterval(tick, 100); // setInterval keeps running in background tabs (unlike rAF)
   ctx.resume().catch(() => {});
-  // Without an audio output device some browsers never start Web Audio: say so instead of "silent".
+  // Without an audio output device some browsers never start Web Audio: say so instead of "silent"
+  // (and pick up again if the engine starts later).
   meter.check = setTimeout(() => {
     ui.level.dataset.engine = ctx.state;
     if (ctx.state !== "running") {
@@ -121,12 +122,19 @@ function startMeter(track) {
       ui.levelText.textContent = "level unavailable (the browser's audio engine did not start)";
     }
   }, 3000);
+  ctx.onstatechange = () => {
+    if (ctx.state === "running" && ui.level.dataset.engine && ui.level.dataset.engine !== "running") {
+      ui.level.dataset.engine = "running";
+      meter.timer = setInterval(tick, 100);
+    }
+  };
   return meter;
 }
 function stopMeter(meter) {
   if (!meter) return;
   clearInterval(meter.timer);
   clearTimeout(meter.check);
+  meter.ctx.onstatechange = null;
   delete ui.level.dataset.engine;
   meter.ctx.close().catch(() => {});
   ui.level.value = -60;

@@ -38,12 +38,14 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id", "emit_interval_seconds")
+    __slots__ = ("session_id", "emit_interval_seconds", "reattach_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EMIT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REATTACH_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     emit_interval_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., emit_interval_seconds: _Optional[float] = ...) -> None: ...
+    reattach_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., emit_interval_seconds: _Optional[float] = ..., reattach_only: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "sample_rate_hz", "token_rate_hz", "hidden_size", "window_seconds", "last_seq", "reattached")
