@@ -262,9 +262,10 @@ class LiveGateway:
                 # The encoder restarted or expired the session: its publications would restart at
                 # seq 1 and never reach the captions.
                 reason = "the encoder lost its audio state"
-                self.abandon(sid, reason, known)
-                raise FailedPrecondition(f"session {sid} can no longer be resumed: {reason}; "
-                                         "start a new session") from e
+                if self.abandon(sid, reason, known):
+                    raise FailedPrecondition(f"session {sid} can no longer be resumed: {reason}; "
+                                             "start a new session") from e
+                ended = True  # it had ended after all: replay its events
         with self._lock:
             self._detached.pop(sid, None)
             if sid in self._sessions:  # held here (or resumed concurrently through another call)
@@ -283,20 +284,29 @@ class LiveGateway:
         """The encoder has the session's end: a resume from now on only replays events."""
         self.redis.hset(keys.session_config(sid), mapping={ENDED_FIELD: "1", LAST_SEQ_FIELD: str(last_seq)})
 
-    def abandon(self, sid: str, reason: str, session: LiveSession | None = None) -> None:
+    def abandon(self, sid: str, reason: str, session: LiveSession | None = None) -> bool:
         """Give up on a session that cannot go on (its encoder state is gone): its clients get a
-        fatal error and the end, LM workers let it go, later resumes are refused with ``reason``."""
-        log.warning("abandoning session %s: %s", sid, reason)
-        self.redis.hset(keys.session_config(sid), ABANDONED_FIELD, reason)
-        captions, maxlen = keys.session_captions(sid), self.defaults.captions_maxlen
-        self.streams.add(captions, {"type": "error", "fatal": "1", "code": "FAILED_PRECONDITION",
-                                    "reason": "ENCODER_STATE_LOST", "message": f"{reason}; start a new session"},
-                         maxlen)
-        self.streams.add(captions, {"type": "end", "reason": "error"}, maxlen)
-        self.redis.zrem(keys.ACTIVE_SESSIONS, sid)  # LM workers let it go (see LMWorker._drop_inactive)
+        fatal error and the end, LM workers let it go, later resumes are refused with ``reason``.
+
+        Returns False when the session had in fact already ended (its caption stream holds its
+        end): then it is only marked ended, and resumes replay its events."""
+        last = self.redis.xrevrange(keys.session_captions(sid), count=1)
+        already_ended = bool(last) and last[0][1].get(b"type") == b"end"
+        if already_ended:
+            self.redis.hset(keys.session_config(sid), ENDED_FIELD, "1")
+        else:
+            log.warning("abandoning session %s: %s", sid, reason)
+            self.redis.hset(keys.session_config(sid), ABANDONED_FIELD, reason)
+            captions, maxlen = keys.session_captions(sid), self.defaults.captions_maxlen
+            self.streams.add(captions, {"type": "error", "fatal": "1", "code": "FAILED_PRECONDITION",
+                                        "reason": "ENCODER_STATE_LOST", "message": f"{reason}; start a new session"},
+                             maxlen)
+            self.streams.add(captions, {"type": "end", "reason": "error"}, maxlen)
+        self.redis.zrem(keys.ACTIVE_SESSIONS, sid)  # LM workers let it go (LMWorker._drop_abandoned)
         if session is not None:
             session.ended = True
             self.forget(session)
+        return not already_ended
 
     def detach(self, session: LiveSession, generation: int | None = None) -> None:
         """The client went away without ending the session: keep it for a while for a resume.

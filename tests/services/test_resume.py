@@ -24,6 +24,7 @@ from tests.services.helpers import (
     clip,
     collect,
     config,
+    control,
     event_key,
     pcm_chunks,
 )
@@ -177,3 +178,42 @@ def test_resume_unknown_session_is_not_found(stack: LiveStack) -> None:
                                            timeout=STREAM_TIMEOUT_S))
     assert ok.error is None and ok.kinds()[-1] == "ended"
     assert captions_pb2.SessionEnded.CLIENT_CLOSED == ok.ended.reason
+
+
+def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(stack: LiveStack, audio: np.ndarray) -> None:
+    chunks = pcm_chunks(audio)
+    feeder = Feeder()
+    feeder.put(config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks)], control(captions_pb2.Control.FINALIZE))
+    call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
+    sid = next(call).started.session_id
+    seen: list[str] = []
+    for resp in call:
+        if resp.WhichOneof("response") == "caption":
+            seen.append(resp.caption.event_id)
+            if len(seen) >= 2:
+                break
+    client = redis.Redis.from_url(stack.redis_url)
+    try:  # the gateway took the FINALIZE (the encoder has the end) before the client vanishes
+        deadline = time.monotonic() + 30
+        while client.hget(keys.session_config(sid), "ended") != b"1" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.hget(keys.session_config(sid), "ended") == b"1"
+    finally:
+        client.close()
+    call.cancel()
+    feeder.close()
+
+    res = collect(stack.stub.StreamCaptions(iter([config(session_id=sid, resume_after_event_id=seen[-1])]),
+                                            timeout=STREAM_TIMEOUT_S))
+    assert res.error is None, f"{res.error}\n{res.table()}"
+    assert res.started.resumed and res.kinds()[-1] == "ended", res.table()
+    stored = caption_stream(stack.redis_url, sid)
+    ids = [i for i, f in stored if f.get("type", "caption") == "caption"]
+    assert [c.event_id for c in res.captions] == ids[ids.index(seen[-1]) + 1:], res.table()
+    assert [(c.segment_id, c.window_end_seconds) for c in res.finals][-1] == (1, 20.0), res.table()
+
+    # It takes no more audio.
+    late = collect(stack.stub.StreamCaptions(iter([config(session_id=sid), audio_req(chunks[0], len(chunks) + 2)]),
+                                             timeout=STREAM_TIMEOUT_S))
+    assert late.error is not None and late.error.code() == grpc.StatusCode.FAILED_PRECONDITION, late.table()
+    assert "finalized" in late.error.details()
