@@ -17,6 +17,7 @@ from services.training.synth import render_sound
 SR = 16000
 CHUNK = 1600  # 100 ms at 16 kHz
 STREAM_TIMEOUT_S = 120.0
+CALL_TIMEOUT_S = 30.0  # calls expected to fail or finish quickly
 
 
 def clip(parts: Sequence[tuple[str, float]], seed: int = 0) -> np.ndarray:

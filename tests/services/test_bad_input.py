@@ -17,6 +17,7 @@ from services.gateway.live import GatewayLimits
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
 from tests.services.conftest import LiveStack
 from tests.services.helpers import (
+    CALL_TIMEOUT_S,
     STREAM_TIMEOUT_S,
     Collected,
     Feeder,
@@ -28,8 +29,6 @@ from tests.services.helpers import (
     pcm_chunks,
     requests_for,
 )
-
-CALL_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="module")

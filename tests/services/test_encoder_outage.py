@@ -19,6 +19,7 @@ from services.pb.midasheng.v1 import captions_pb2
 from services.transport import keys
 from tests.services.conftest import LiveStack
 from tests.services.helpers import (
+    CALL_TIMEOUT_S,
     STREAM_TIMEOUT_S,
     Feeder,
     audio_req,
@@ -28,8 +29,6 @@ from tests.services.helpers import (
     pcm_chunks,
     requests_for,
 )
-
-CALL_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="module")
