@@ -80,17 +80,21 @@ def test_ten_peers_for_a_minute(stack: Stack) -> None:  # noqa: F811
 
     async def run() -> tuple[list[Client], list[float]]:
         clients = [Client(stack.base, SoundTrack(audio)) for _ in range(10)]
-        await asyncio.gather(*(c.connect({"window_seconds": 6, "hop_seconds": 2}) for c in clients))
-        rss = []
-        for _ in range(12):  # a sample every 5 s for a minute
-            await asyncio.sleep(5)
-            rss.append(_rss_mib())
-        for c in clients:
-            c.channel.send(json.dumps({"type": "stop"}))
-        await asyncio.gather(*(c.wait_for(lambda m: m["type"] == "ended", 60, "end") for c in clients))
-        for c in clients:
-            await c.pc.close()
-        return clients, rss
+        try:
+            await asyncio.gather(*(c.connect({"window_seconds": 6, "hop_seconds": 2}) for c in clients))
+            rss = []
+            for _ in range(12):  # a sample every 5 s for a minute
+                await asyncio.sleep(5)
+                rss.append(_rss_mib())
+            for i, c in enumerate(clients):
+                assert c.channel.readyState == "open", (
+                    f"peer {i}'s data channel closed before the minute was over; it got {c.messages[-5:]}")
+                c.channel.send(json.dumps({"type": "stop"}))
+            await asyncio.gather(*(c.wait_for(lambda m: m["type"] == "ended", 60, "end") for c in clients))
+            return clients, rss
+        finally:  # closed whatever happened, so that a failure here does not leak into later tests
+            for c in clients:
+                await c.pc.close()
 
     t0 = time.monotonic()
     clients, rss = asyncio.run(run())
