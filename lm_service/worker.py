@@ -166,22 +166,15 @@ class LMWorker:
         for sid, score in zip(sids, pipe.execute(), strict=True):
             if score is None and sid in self.sessions:
                 log.info("session %s left the active set (abandoned by its gateway); letting it go", sid)
-                lease_key = keys.session_lease(sid)
-                self.heartbeat.discard(lease_key)
-                self.lease.release(lease_key, self.worker_id)
-                self.sessions.pop(sid, None)
-        metrics.LM_SESSIONS.set(len(self.sessions))
+                self._let_go(sid)
 
     def _expire_silent(self, now: float) -> None:
         """End sessions that got no publication for ``silent_session_s`` (their encoder or gateway is gone)."""
         for session in [s for s in self.sessions.values() if now - s.last_publication > self.silent_session_s]:
             log.warning("session %s got no audio tokens for %.0f s; ending it", session.sid, self.silent_session_s)
-            self.streams.add(keys.session_captions(session.sid), {
-                "type": "error", "fatal": "1", "code": "UNAVAILABLE", "reason": "NO_AUDIO_TOKENS",
-                "message": f"no audio tokens arrived for {self.silent_session_s:.0f} s; the session was ended"},
-                self.defaults.captions_maxlen)
-            self.streams.add(keys.session_captions(session.sid), {"type": "end", "reason": "error"},
-                             self.defaults.captions_maxlen)
+            self.streams.end_with_error(
+                session.sid, f"no audio tokens arrived for {self.silent_session_s:.0f} s; the session was ended",
+                "UNAVAILABLE", "NO_AUDIO_TOKENS", self.defaults.captions_maxlen)
             self._finish(session)
 
     def _report_pending(self) -> None:
@@ -193,9 +186,7 @@ class LMWorker:
 
     def _end_with_error(self, sid: str, message: str, code: str = "INTERNAL") -> None:
         """Tell the client (fatal error event + end) and drop the session from the active set."""
-        self.streams.add(keys.session_captions(sid), {"type": "error", "message": message, "fatal": "1", "code": code,
-                                                      "reason": code}, self.defaults.captions_maxlen)
-        self.streams.add(keys.session_captions(sid), {"type": "end", "reason": "error"}, self.defaults.captions_maxlen)
+        self.streams.end_with_error(sid, message, code, code, self.defaults.captions_maxlen)
         self.redis.zrem(keys.ACTIVE_SESSIONS, sid)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -389,10 +380,14 @@ class LMWorker:
                     keys.session_state(session.sid), keys.session_config(session.sid)):
             pipe.expire(key, self.defaults.session_ttl_s)
         pipe.execute()
-        lease_key = keys.session_lease(session.sid)
+        self._let_go(session.sid)
+
+    def _let_go(self, sid: str) -> None:
+        """Stop owning a session: no more heartbeat, lease released, forgotten here."""
+        lease_key = keys.session_lease(sid)
         self.heartbeat.discard(lease_key)
         self.lease.release(lease_key, self.worker_id)
-        self.sessions.pop(session.sid, None)
+        self.sessions.pop(sid, None)
         metrics.LM_SESSIONS.set(len(self.sessions))
 
     def run(self, stop: threading.Event) -> None:

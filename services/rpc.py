@@ -50,7 +50,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, grpc.Call):  # a call to another service failed: pass its status on
         code = exc.code()
         log.warning("%s: a call to another service failed: %s: %s", method, code.name, exc.details())
-        context.abort(code, f"a service behind this one failed: {exc.details() or code.name}")
+        context.abort(code, exc.details() or code.name)
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in %s", method)

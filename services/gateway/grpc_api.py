@@ -327,10 +327,9 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
 
 
 def _forward(method, request, context):  # type: ignore[no-untyped-def]
-    try:
-        return method(request, timeout=max(1.0, context.time_remaining() or 120.0))
-    except grpc.RpcError as e:
-        context.abort(e.code(), e.details())
+    """The LM service's answer; its errors keep their status and message (rpc.unary passes a failed
+    call's status on)."""
+    return method(request, timeout=max(1.0, context.time_remaining() or 120.0))
 
 
 def _pump(requests: Iterator[object], inbox: queue.Queue[object], terminated: threading.Event) -> None:

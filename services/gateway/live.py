@@ -297,11 +297,8 @@ class LiveGateway:
         else:
             log.warning("abandoning session %s: %s", sid, reason)
             self.redis.hset(keys.session_config(sid), ABANDONED_FIELD, reason)
-            captions, maxlen = keys.session_captions(sid), self.defaults.captions_maxlen
-            self.streams.add(captions, {"type": "error", "fatal": "1", "code": "FAILED_PRECONDITION",
-                                        "reason": "ENCODER_STATE_LOST", "message": f"{reason}; start a new session"},
-                             maxlen)
-            self.streams.add(captions, {"type": "end", "reason": "error"}, maxlen)
+            self.streams.end_with_error(sid, f"{reason}; start a new session", "FAILED_PRECONDITION",
+                                        "ENCODER_STATE_LOST", self.defaults.captions_maxlen)
         self.redis.zrem(keys.ACTIVE_SESSIONS, sid)  # LM workers let it go (LMWorker._drop_abandoned)
         if session is not None:
             session.ended = True

@@ -17,6 +17,7 @@ import redis
 from redis.client import NEVER_DECODE
 
 from services.errors import InvalidArgument
+from services.transport import keys
 from services.transport.keys import COUNTERS, DEAD_LETTERS, TransportDefaults
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,12 @@ class StreamClient:
         check_maxlen(maxlen)
         args = [maxlen, counter or stream, *flatten_fields(fields)]
         return as_text(self._add(keys=[stream, COUNTERS], args=args))
+
+    def end_with_error(self, sid: str, message: str, code: str, reason: str, maxlen: int) -> None:
+        """End a session's caption stream for its clients: a fatal error event, then the end."""
+        captions = keys.session_captions(sid)
+        self.add(captions, {"type": "error", "fatal": "1", "code": code, "reason": reason, "message": message}, maxlen)
+        self.add(captions, {"type": "end", "reason": "error"}, maxlen)
 
     def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
         """Create the consumer group (and the stream) unless it exists; ``start`` "0" = all history."""
