@@ -67,20 +67,32 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     args = ap.parse_args()
     dev = torch.device(args.device)
-    model = load_model(args.model, dtype="bfloat16" if dev.type == "cuda" else "float32", device=dev,
-                       audio_only=True)
+    model = load_model(
+        args.model, dtype="bfloat16" if dev.type == "cuda" else "float32", device=dev, audio_only=True
+    )
     run(model, 2, 4.0, args.max_batch)  # warm-up
     batched = run(model, args.sessions, args.seconds, args.max_batch)
     baseline = run(model, args.sessions, args.seconds, 1)
-    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, " \
-        f"{torch.get_num_threads()} threads)"
-    print(json.dumps({
-        "command": " ".join(sys.argv), "device": card, "model": args.model or "demo",
-        "sessions": args.sessions, "audio_seconds_per_session": args.seconds,
-        "audio_seconds_per_second_batched": round(batched, 1),
-        "audio_seconds_per_second_unbatched_baseline": round(baseline, 1),
-        "ratio": round(batched / baseline, 2),
-    }, indent=2))
+    card = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "device": card,
+                "model": args.model or "demo",
+                "sessions": args.sessions,
+                "audio_seconds_per_session": args.seconds,
+                "audio_seconds_per_second_batched": round(batched, 1),
+                "audio_seconds_per_second_unbatched_baseline": round(baseline, 1),
+                "ratio": round(batched / baseline, 2),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -89,8 +89,13 @@ def main() -> int:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.decoder.config)
-            out = model.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                                **{CACHE_KW: cache})
+            out = model.decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **{CACHE_KW: cache},
+            )
             out.logits[:, -1].argmax(-1).item()  # first token on the host
 
         return run
@@ -107,7 +112,9 @@ def main() -> int:
         "config": "tiny" if args.tiny else "midashenglm-7b (random bf16 weights)",
         "audio_seconds": args.seconds,
         "audio_tokens_5hz": n_tok,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda"
+        else None,
         "encoder_ms_median": round(statistics.median(enc_ms), 2),
         "prefill_first_token_ms_median_5hz": round(statistics.median(pre5), 2),
         "baseline_prefill_first_token_ms_median_25hz": round(statistics.median(pre25), 2),

@@ -31,8 +31,9 @@ class _Submission:
 
 
 class EncoderBatcher:
-    def __init__(self, encoder: DashengEncoder, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 max_queue: int = 256) -> None:
+    def __init__(
+        self, encoder: DashengEncoder, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256
+    ) -> None:
         self.encoder = encoder
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000

@@ -57,15 +57,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     @rpc.unary
     def OpenSession(self, request, context):  # type: ignore[no-untyped-def]
-        last_seq, reattached = self.sessions.open(request.session_id, request.emit_interval_seconds,
-                                                  reattach_only=request.reattach_only)
+        last_seq, reattached = self.sessions.open(
+            request.session_id, request.emit_interval_seconds, reattach_only=request.reattach_only
+        )
         cfg = self.model.config
         return encoder_pb2.OpenSessionResponse(
             session_id=request.session_id,
             sample_rate_hz=cfg.audio_encoder_config.sample_rate,
             token_rate_hz=cfg.audio_encoder_config.sample_rate / cfg.samples_per_token,
             hidden_size=cfg.hidden_size,
-            window_seconds=cfg.audio_encoder_config.target_length * cfg.audio_encoder_config.hop_length / 16000,
+            window_seconds=cfg.audio_encoder_config.target_length
+            * cfg.audio_encoder_config.hop_length
+            / 16000,
             last_seq=last_seq,
             reattached=reattached,
         )
@@ -75,8 +78,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         samples = samples_from(request.format, request.data)
         res = self.sessions.push(request.session_id, request.seq, samples, request.end_of_stream)
         return encoder_pb2.PushAudioResponse(
-            seq=request.seq, duplicate=res.duplicate, final_tokens=res.final_tokens,
-            tentative_tokens=res.tentative_tokens, stream_time_seconds=res.stream_seconds,
+            seq=request.seq,
+            duplicate=res.duplicate,
+            final_tokens=res.final_tokens,
+            tentative_tokens=res.tentative_tokens,
+            stream_time_seconds=res.stream_seconds,
         )
 
     @rpc.unary
@@ -126,15 +132,22 @@ class EncoderServer:
 
 
 def start_encoder_server(
-    model: MiDashengLM, redis_url: str, address: str = "127.0.0.1:0", max_batch: int = 32, max_wait_ms: float = 5.0,
-    defaults: TransportDefaults | None = None, idle_seconds: float = IDLE_SECONDS,
+    model: MiDashengLM,
+    redis_url: str,
+    address: str = "127.0.0.1:0",
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    defaults: TransportDefaults | None = None,
+    idle_seconds: float = IDLE_SECONDS,
 ) -> EncoderServer:
     defaults = defaults or TransportDefaults()
     client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     streams = StreamClient(client)
 
     def publish(sid: str, payload: bytes) -> None:
-        streams.add(keys.session_tokens(sid), {PAYLOAD_FIELD: payload}, defaults.tokens_maxlen, counter="tokens")
+        streams.add(
+            keys.session_tokens(sid), {PAYLOAD_FIELD: payload}, defaults.tokens_maxlen, counter="tokens"
+        )
 
     batcher = EncoderBatcher(model.audio_encoder, max_batch=max_batch, max_wait_ms=max_wait_ms)
     batcher.start()
@@ -150,9 +163,12 @@ def start_encoder_server(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("encoder", help="run the streaming encoder gRPC service",
-                       description="Streaming Dasheng encoder: per-session log-mel + encoder + projector, "
-                       "micro-batched across sessions; publishes audio tokens to Redis.")
+    p = sub.add_parser(
+        "encoder",
+        help="run the streaming encoder gRPC service",
+        description="Streaming Dasheng encoder: per-session log-mel + encoder + projector, "
+        "micro-batched across sessions; publishes audio tokens to Redis.",
+    )
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -166,9 +182,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dev = pick_device(args.device)
-    model = load_model(args.model, dtype=args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"), device=dev,
-                       audio_only=True)
-    srv = start_encoder_server(model, redis_url_from(args.redis_url), args.listen, args.max_batch, args.max_wait_ms)
+    model = load_model(
+        args.model,
+        dtype=args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"),
+        device=dev,
+        audio_only=True,
+    )
+    srv = start_encoder_server(
+        model, redis_url_from(args.redis_url), args.listen, args.max_batch, args.max_wait_ms
+    )
     serve_metrics(args.metrics_port)
     print(f"encoder ready on port {srv.port}", flush=True)
     return wait_for_shutdown(srv.stop)

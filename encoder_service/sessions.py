@@ -70,7 +70,9 @@ class _State:
 
 
 class EncoderSessions:
-    def __init__(self, model: MiDashengLM, batcher: EncoderBatcher, publish: Publisher, max_sessions: int = 256) -> None:
+    def __init__(
+        self, model: MiDashengLM, batcher: EncoderBatcher, publish: Publisher, max_sessions: int = 256
+    ) -> None:
         self.model = model
         self.batcher = batcher
         self.publish = publish
@@ -95,13 +97,19 @@ class EncoderSessions:
             if st is not None and not st.closed:
                 return st.last_audio_seq, True
             if reattach_only:
-                raise NotFound(f"encoder session {sid!r} does not exist (the encoder restarted, expired or closed it)")
+                raise NotFound(
+                    f"encoder session {sid!r} does not exist (the encoder restarted, expired or closed it)"
+                )
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"this encoder holds its maximum of {self.max_sessions} sessions")
             cfg = self.model.config
             n = int(round(emit * SAMPLE_RATE))
-            self._sessions[sid] = _State(sid, StreamingEncoderSession(cfg.audio_encoder_config, cfg.subsample_factor),
-                                         emit_samples=n, next_emit=n)
+            self._sessions[sid] = _State(
+                sid,
+                StreamingEncoderSession(cfg.audio_encoder_config, cfg.subsample_factor),
+                emit_samples=n,
+                next_emit=n,
+            )
             metrics.ENCODER_SESSIONS.set(len(self._sessions))
         return 0, False
 
@@ -192,8 +200,9 @@ class EncoderSessions:
             revision=tail.revision if tail is not None else 0,
             audio_seq=st.last_audio_seq,
         )
-        st.unsent = _Unsent(encode_tokens(st.sid, msg), msg.seq, expected, int(tokens.shape[0]) - num_final,
-                            num_final, end)
+        st.unsent = _Unsent(
+            encode_tokens(st.sid, msg), msg.seq, expected, int(tokens.shape[0]) - num_final, num_final, end
+        )
         self._publish(st, st.unsent)
 
     def _publish(self, st: _State, u: _Unsent) -> None:

@@ -120,21 +120,31 @@ class SimpleEngine:
             for start in range(0, len(order), self.max_batch):
                 part = order[start : start + self.max_batch]
                 inputs = self.processor([build_prompt(prompt)] * len(part), [audios[i] for i in part])
-                rows = generate(model, inputs, self.processor.stop_ids(), options, pad_id=self.processor.pad_id)
+                rows = generate(
+                    model, inputs, self.processor.stop_ids(), options, pad_id=self.processor.pad_id
+                )
                 self._count(rows)
                 for i, r in zip(part, rows, strict=True):
                     results[i] = (self.processor.decode(r), len(r))
             out = [results[i] for i in range(len(audios))]
         return out
 
-    def _run(self, model: MiDashengLM, reqs: Sequence[CaptionRequest], prompt: str, options: GenerationOptions) -> list[str]:
+    def _run(
+        self, model: MiDashengLM, reqs: Sequence[CaptionRequest], prompt: str, options: GenerationOptions
+    ) -> list[str]:
         counts = [int(r.audio_tokens.shape[0]) for r in reqs]
         audio = torch.zeros(len(reqs), max(counts), self.hidden_size, dtype=model.dtype)
         for i, r in enumerate(reqs):
             audio[i, : counts[i]] = r.audio_tokens.to(model.dtype)
         ids, attention, _ = self.processor.encode_text([build_prompt(prompt)] * len(reqs), counts)
         rows = generate_from_audio_embeds(
-            model, ids, attention, audio, torch.tensor(counts), self.processor.stop_ids(), options,
+            model,
+            ids,
+            attention,
+            audio,
+            torch.tensor(counts),
+            self.processor.stop_ids(),
+            options,
             pad_id=self.processor.pad_id,
         )
         self._count(rows)
@@ -146,7 +156,9 @@ class SimpleEngine:
         metrics.GENERATED_TOKENS.inc(n)
 
 
-def adapter_loader_from_dir(base_model_dir: str | Path, adapters_dir: str | Path) -> Callable[[str], MiDashengLM]:
+def adapter_loader_from_dir(
+    base_model_dir: str | Path, adapters_dir: str | Path
+) -> Callable[[str], MiDashengLM]:
     """Adapters stored as ``adapters_dir/NAME/`` (peft format), merged into a fresh base model."""
 
     def load(name: str) -> MiDashengLM:

@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 SERVICE = "midasheng.v1.LMService"
 MAX_BATCH_ITEMS = 64
 MAX_CLIP_SECONDS = 300.0
-ENCODING_NAMES = {captions_pb2.LINEAR16: "LINEAR16", captions_pb2.FLOAT32: "FLOAT32",
-                  captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16"}
+ENCODING_NAMES = {
+    captions_pb2.LINEAR16: "LINEAR16",
+    captions_pb2.FLOAT32: "FLOAT32",
+    captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16",
+}
 
 
 def request_audio(req: captions_pb2.CaptionRequest) -> np.ndarray:
@@ -43,15 +46,18 @@ def request_audio(req: captions_pb2.CaptionRequest) -> np.ndarray:
         audio = decode_audio(req.encoded_audio)
     elif which == "raw_audio":
         raw = req.raw_audio
-        audio = pcm_to_mono16k(raw.data, raw.sample_rate_hz or 16000, ENCODING_NAMES.get(raw.encoding, "?"),
-                               raw.channels or 1)
+        audio = pcm_to_mono16k(
+            raw.data, raw.sample_rate_hz or 16000, ENCODING_NAMES.get(raw.encoding, "?"), raw.channels or 1
+        )
         if audio.size == 0:
             raise InvalidArgument("raw_audio is empty")
     else:
         raise InvalidArgument("CaptionRequest needs encoded_audio or raw_audio")
     if audio.size > MAX_CLIP_SECONDS * 16000:
-        raise InvalidArgument(f"clips longer than {MAX_CLIP_SECONDS:.0f} s are not captioned whole; "
-                              "stream them or caption segments")
+        raise InvalidArgument(
+            f"clips longer than {MAX_CLIP_SECONDS:.0f} s are not captioned whole; "
+            "stream them or caption segments"
+        )
     return audio
 
 
@@ -77,12 +83,21 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
         audio = request_audio(req)
         t1 = time.perf_counter()
         opts = options_from(req.options)
-        (text, n), = self.engine.caption_audio([prepare_audio(audio)], req.prompt or DEFAULT_PROMPT, opts, req.adapter)
+        ((text, n),) = self.engine.caption_audio(
+            [prepare_audio(audio)], req.prompt or DEFAULT_PROMPT, opts, req.adapter
+        )
         t2 = time.perf_counter()
         return captions_pb2.CaptionResponse(
-            text=text, audio_seconds=audio.size / 16000, request_id=req.request_id, adapter=req.adapter,
-            timings=captions_pb2.Timings(decode_ms=(t1 - t0) * 1e3, generate_ms=(t2 - t1) * 1e3, total_ms=(t2 - t0) * 1e3),
-            finish_reason=captions_pb2.CaptionResponse.LENGTH if n >= opts.max_new_tokens else captions_pb2.CaptionResponse.STOP,
+            text=text,
+            audio_seconds=audio.size / 16000,
+            request_id=req.request_id,
+            adapter=req.adapter,
+            timings=captions_pb2.Timings(
+                decode_ms=(t1 - t0) * 1e3, generate_ms=(t2 - t1) * 1e3, total_ms=(t2 - t0) * 1e3
+            ),
+            finish_reason=captions_pb2.CaptionResponse.LENGTH
+            if n >= opts.max_new_tokens
+            else captions_pb2.CaptionResponse.STOP,
             generated_tokens=n,
         )
 
@@ -98,15 +113,22 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
         results = []
         for i, item in enumerate(request.items):
             try:
-                results.append(captions_pb2.BatchCaptionResult(index=i, request_id=item.request_id,
-                                                               caption=self._caption(item)))
+                results.append(
+                    captions_pb2.BatchCaptionResult(
+                        index=i, request_id=item.request_id, caption=self._caption(item)
+                    )
+                )
             except Exception as e:  # one bad clip does not fail the batch
                 code = rpc.status_for(e)
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("batch item %d failed", i)
-                results.append(captions_pb2.BatchCaptionResult(
-                    index=i, request_id=item.request_id,
-                    error=captions_pb2.ItemError(code=code.value[0], message=str(e))))
+                results.append(
+                    captions_pb2.BatchCaptionResult(
+                        index=i,
+                        request_id=item.request_id,
+                        error=captions_pb2.ItemError(code=code.value[0], message=str(e)),
+                    )
+                )
         return captions_pb2.BatchCaptionResponse(results=results, total_ms=(time.perf_counter() - t0) * 1e3)
 
     @rpc.unary
@@ -138,8 +160,13 @@ class LMServer:
             w.redis.close()
 
 
-def build_engine(model_dir: str | None, device: str = "auto", dtype: str | None = None,
-                 adapters_dir: str | Path | None = None, adapters_redis_url: str | None = None) -> SimpleEngine:
+def build_engine(
+    model_dir: str | None,
+    device: str = "auto",
+    dtype: str | None = None,
+    adapters_dir: str | Path | None = None,
+    adapters_redis_url: str | None = None,
+) -> SimpleEngine:
     dev = pick_device(device)
     path = resolve_model_dir(model_dir)
     model = load_model(path, dtype=dtype or ("bfloat16" if dev.type == "cuda" else "float32"), device=dev)
@@ -152,8 +179,14 @@ def build_engine(model_dir: str | None, device: str = "auto", dtype: str | None 
     return SimpleEngine(model, processor, adapter_loader=loader)
 
 
-def start_lm_server(engine: SimpleEngine, redis_url: str | None, address: str = "127.0.0.1:0", workers: int = 1,
-                    defaults: TransportDefaults | None = None, worker_prefix: str | None = None) -> LMServer:
+def start_lm_server(
+    engine: SimpleEngine,
+    redis_url: str | None,
+    address: str = "127.0.0.1:0",
+    workers: int = 1,
+    defaults: TransportDefaults | None = None,
+    worker_prefix: str | None = None,
+) -> LMServer:
     stop = threading.Event()
     lm_workers: list[LMWorker] = []
     threads: list[threading.Thread] = []
@@ -177,9 +210,12 @@ def start_lm_server(engine: SimpleEngine, redis_url: str | None, address: str = 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("lm", help="run the LM caption service and live worker(s)",
-                       description="Caption engine: leases live sessions from Redis and writes caption events; "
-                       "serves offline Caption/BatchCaption over gRPC.")
+    p = sub.add_parser(
+        "lm",
+        help="run the LM caption service and live worker(s)",
+        description="Caption engine: leases live sessions from Redis and writes caption events; "
+        "serves offline Caption/BatchCaption over gRPC.",
+    )
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -187,9 +223,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
     p.add_argument("--workers", type=int, default=1, help="live worker loops in this process")
     p.add_argument("--worker-id", default=None, help="worker id prefix (default: random)")
-    p.add_argument("--adapters-dir", default=None, help="directory of LoRA adapters (NAME/adapter_config.json)")
-    p.add_argument("--adapters-from-redis", action="store_true",
-                   help="load adapters by name from the jobs registry in Redis (instead of --adapters-dir)")
+    p.add_argument(
+        "--adapters-dir", default=None, help="directory of LoRA adapters (NAME/adapter_config.json)"
+    )
+    p.add_argument(
+        "--adapters-from-redis",
+        action="store_true",
+        help="load adapters by name from the jobs registry in Redis (instead of --adapters-dir)",
+    )
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.set_defaults(func=run)
 
@@ -197,8 +238,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     registry = redis_url_from(args.redis_url) if args.adapters_from_redis else None
     engine = build_engine(args.model, args.device, args.dtype, args.adapters_dir, registry)
-    srv = start_lm_server(engine, redis_url_from(args.redis_url), args.listen, args.workers,
-                          worker_prefix=args.worker_id)
+    srv = start_lm_server(
+        engine, redis_url_from(args.redis_url), args.listen, args.workers, worker_prefix=args.worker_id
+    )
     serve_metrics(args.metrics_port)
     print(f"lm ready on port {srv.port}", flush=True)
     return wait_for_shutdown(srv.stop)

@@ -116,7 +116,12 @@ class CaptionSchedule:
             out.append(PlannedCaption(final, revision, max(0, end - w), end, False))
             revision += 1
         if commit:
-            self.segments_final, self.open_revision, self.ended, self.last_seq = final, revision, ended, msg.seq
+            self.segments_final, self.open_revision, self.ended, self.last_seq = (
+                final,
+                revision,
+                ended,
+                msg.seq,
+            )
         return out
 
     def counters(self) -> dict[str, int]:

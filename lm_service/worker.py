@@ -79,7 +79,10 @@ class LMWorker:
         self._lost: set[str] = set()
         self._lost_lock = threading.Lock()
         self.heartbeat = Heartbeat(
-            self.lease, self.worker_id, ttl_ms=self.defaults.lease_ttl_ms, heartbeat_ms=self.defaults.heartbeat_ms,
+            self.lease,
+            self.worker_id,
+            ttl_ms=self.defaults.lease_ttl_ms,
+            heartbeat_ms=self.defaults.heartbeat_ms,
             on_lost=self._on_lost,
         )
         self._last_scan = 0.0
@@ -135,8 +138,11 @@ class LMWorker:
         if settings.adapter:
             self.engine.check_adapter(settings.adapter)  # NotFound ends the session with a clear error
         schedule = CaptionSchedule(settings)
-        state = {k.decode(): int(float(v)) for k, v in self.redis.hgetall(keys.session_state(sid)).items()
-                 if k.decode() in ("segments_final", "open_revision", "last_seq")}
+        state = {
+            k.decode(): int(float(v))
+            for k, v in self.redis.hgetall(keys.session_state(sid)).items()
+            if k.decode() in ("segments_final", "open_revision", "last_seq")
+        }
         schedule.restore(state)
         stream = keys.session_tokens(sid)
         self.streams.ensure_group(stream, GROUP, start="0")
@@ -170,11 +176,19 @@ class LMWorker:
 
     def _expire_silent(self, now: float) -> None:
         """End sessions that got no publication for ``silent_session_s`` (their encoder or gateway is gone)."""
-        for session in [s for s in self.sessions.values() if now - s.last_publication > self.silent_session_s]:
-            log.warning("session %s got no audio tokens for %.0f s; ending it", session.sid, self.silent_session_s)
+        for session in [
+            s for s in self.sessions.values() if now - s.last_publication > self.silent_session_s
+        ]:
+            log.warning(
+                "session %s got no audio tokens for %.0f s; ending it", session.sid, self.silent_session_s
+            )
             self.streams.end_with_error(
-                session.sid, f"no audio tokens arrived for {self.silent_session_s:.0f} s; the session was ended",
-                "UNAVAILABLE", "NO_AUDIO_TOKENS", self.defaults.captions_maxlen)
+                session.sid,
+                f"no audio tokens arrived for {self.silent_session_s:.0f} s; the session was ended",
+                "UNAVAILABLE",
+                "NO_AUDIO_TOKENS",
+                self.defaults.captions_maxlen,
+            )
             self._finish(session)
 
     def _report_pending(self) -> None:
@@ -206,13 +220,19 @@ class LMWorker:
             return 0
         # Own pending entries first (after a takeover or a failed step), then new ones for the
         # sessions with nothing pending, so one stuck session does not hold up the others.
-        entries = self.streams.read_group(GROUP, self.worker_id, {s.stream: "0" for s in self.sessions.values()},
-                                          count=1, block_ms=None)
+        entries = self.streams.read_group(
+            GROUP, self.worker_id, {s.stream: "0" for s in self.sessions.values()}, count=1, block_ms=None
+        )
         busy = {e.stream for e in entries}
         fresh = {s.stream: ">" for s in self.sessions.values() if s.stream not in busy}
         if fresh:
-            entries += self.streams.read_group(GROUP, self.worker_id, fresh, count=1,
-                                               block_ms=None if entries else block_ms or self.defaults.block_ms)
+            entries += self.streams.read_group(
+                GROUP,
+                self.worker_id,
+                fresh,
+                count=1,
+                block_ms=None if entries else block_ms or self.defaults.block_ms,
+            )
         by_stream = {s.stream: s for s in self.sessions.values()}
         work: list[_Work] = []
         for entry in entries:
@@ -244,10 +264,14 @@ class LMWorker:
     def _prepare(self, session: OwnedSession, entry: Entry) -> _Work | None:
         try:
             if PAYLOAD_FIELD not in entry.fields:
-                raise InvalidArgument(f"stream entry has no {PAYLOAD_FIELD!r} field (fields: {sorted(entry.fields)})")
+                raise InvalidArgument(
+                    f"stream entry has no {PAYLOAD_FIELD!r} field (fields: {sorted(entry.fields)})"
+                )
             sid, msg = decode_tokens(entry.fields[PAYLOAD_FIELD])
             if sid != session.sid:
-                raise InvalidArgument(f"publication for session {sid!r} found in the stream of {session.sid!r}")
+                raise InvalidArgument(
+                    f"publication for session {sid!r} found in the stream of {session.sid!r}"
+                )
         except InvalidArgument as e:
             self._poison(session, entry, str(e))
             return None
@@ -264,8 +288,12 @@ class LMWorker:
             if now - session.gap_since < self.defaults.lease_ttl_ms / 1000:
                 self._claim_pending(session)
                 return None  # stays pending under this worker; re-read in id order next step
-            log.error("session %s: publications %d..%d never arrived; continuing without them",
-                      session.sid, sched.last_seq + 1, msg.seq - 1)
+            log.error(
+                "session %s: publications %d..%d never arrived; continuing without them",
+                session.sid,
+                sched.last_seq + 1,
+                msg.seq - 1,
+            )
         session.gap_since, session.allow_gap = None, False
         try:
             sched.ingest(msg)
@@ -280,38 +308,62 @@ class LMWorker:
         return _Work(session, entry, msg, plans)
 
     def _failed(self, item: _Work, exc: Exception) -> None:
-        log.error("captioning publication %s of session %s failed: %s", item.entry.id, item.session.sid, exc,
-                  exc_info=exc)
+        log.error(
+            "captioning publication %s of session %s failed: %s",
+            item.entry.id,
+            item.session.sid,
+            exc,
+            exc_info=exc,
+        )
         n = item.session.failures.get(item.entry.id, 0) + 1
         item.session.failures[item.entry.id] = n
         if n >= self.defaults.max_deliveries:
             item.session.failures.pop(item.entry.id, None)
-            self._poison(item.session, item.entry, f"captioning failed {n} times: {type(exc).__name__}: {exc}", n,
-                         msg=item.msg)
+            self._poison(
+                item.session,
+                item.entry,
+                f"captioning failed {n} times: {type(exc).__name__}: {exc}",
+                n,
+                msg=item.msg,
+            )
 
     def _claim_pending(self, session: OwnedSession) -> None:
         start = "0-0"
         while True:
-            start, _, _ = self.streams.autoclaim(session.stream, GROUP, self.worker_id, 0, start=start, count=100)
+            start, _, _ = self.streams.autoclaim(
+                session.stream, GROUP, self.worker_id, 0, start=start, count=100
+            )
             if start in ("0-0", "0"):
                 return
 
-    def _poison(self, session: OwnedSession, entry: Entry, reason: str, deliveries: int = 1,
-                msg: TokenMessage | None = None) -> None:
+    def _poison(
+        self,
+        session: OwnedSession,
+        entry: Entry,
+        reason: str,
+        deliveries: int = 1,
+        msg: TokenMessage | None = None,
+    ) -> None:
         session.allow_gap = True
         log.error("dead-lettering publication %s of session %s: %s", entry.id, session.sid, reason)
         self.streams.dead_letter(entry.stream, GROUP, entry, reason, deliveries=deliveries)
         metrics.DEAD_LETTERS.inc()
         self.streams.add(
             keys.session_captions(session.sid),
-            {"type": "error", "message": f"an audio-token publication could not be read and was skipped: {reason}",
-             "fatal": "0", "reason": "PUBLICATION_SKIPPED"},
+            {
+                "type": "error",
+                "message": f"an audio-token publication could not be read and was skipped: {reason}",
+                "fatal": "0",
+                "reason": "PUBLICATION_SKIPPED",
+            },
             self.defaults.captions_maxlen,
         )
         if msg is not None and msg.end_of_stream:  # the last one: the session still has to end
-            self.streams.add(keys.session_captions(session.sid), {"type": "end", "reason": "error",
-                                                                   "audio_seconds": f"{msg.stream_seconds:.3f}"},
-                             self.defaults.captions_maxlen)
+            self.streams.add(
+                keys.session_captions(session.sid),
+                {"type": "end", "reason": "error", "audio_seconds": f"{msg.stream_seconds:.3f}"},
+                self.defaults.captions_maxlen,
+            )
             self._finish(session)
 
     def _caption(self, work: Sequence[_Work]) -> None:
@@ -337,13 +389,23 @@ class LMWorker:
         outputs: list[tuple[str, dict[str, str], int]] = []
         captions_key = keys.session_captions(session.sid)
         for plan, text in zip(item.plans, item.texts, strict=True):
-            outputs.append((captions_key, caption_fields(plan, text, msg.stream_seconds, sched.settings.adapter),
-                            self.defaults.captions_maxlen))
+            outputs.append(
+                (
+                    captions_key,
+                    caption_fields(plan, text, msg.stream_seconds, sched.settings.adapter),
+                    self.defaults.captions_maxlen,
+                )
+            )
         before = (sched.segments_final, sched.open_revision, sched.last_seq, sched.ended)
         sched.plan(msg, commit=True)  # the same plan as the preview: it is deterministic
         if msg.end_of_stream:
-            outputs.append((captions_key, {"type": "end", "reason": "end_of_stream",
-                                           "audio_seconds": f"{msg.stream_seconds:.3f}"}, self.defaults.captions_maxlen))
+            outputs.append(
+                (
+                    captions_key,
+                    {"type": "end", "reason": "end_of_stream", "audio_seconds": f"{msg.stream_seconds:.3f}"},
+                    self.defaults.captions_maxlen,
+                )
+            )
         try:
             status, _ids = apply_once(
                 self.redis,
@@ -362,7 +424,9 @@ class LMWorker:
             sched.segments_final, sched.open_revision, sched.last_seq, sched.ended = before
             raise
         session.last_publication = time.monotonic()
-        self.redis.expire(keys.session_config(session.sid), self.defaults.session_ttl_s)  # live sessions keep it
+        self.redis.expire(
+            keys.session_config(session.sid), self.defaults.session_ttl_s
+        )  # live sessions keep it
         if status != "applied":  # lease lost, or another owner applied it first
             sched.segments_final, sched.open_revision, sched.last_seq, sched.ended = before
             self._on_lost(keys.session_lease(session.sid))
@@ -376,8 +440,12 @@ class LMWorker:
         caption stream stays readable for downloads and late resumes until then)."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.zrem(keys.ACTIVE_SESSIONS, session.sid)
-        for key in (keys.session_tokens(session.sid), keys.session_captions(session.sid),
-                    keys.session_state(session.sid), keys.session_config(session.sid)):
+        for key in (
+            keys.session_tokens(session.sid),
+            keys.session_captions(session.sid),
+            keys.session_state(session.sid),
+            keys.session_config(session.sid),
+        ):
             pipe.expire(key, self.defaults.session_ttl_s)
         pipe.execute()
         self._let_go(session.sid)

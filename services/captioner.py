@@ -33,7 +33,10 @@ class Captioner:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | os.PathLike[str] | None = None, device: str | None = "auto", dtype: str | None = None
+        cls,
+        model_dir: str | os.PathLike[str] | None = None,
+        device: str | None = "auto",
+        dtype: str | None = None,
     ) -> Captioner:
         """Load a checkpoint directory (``None`` = the bundled demo model). bf16 on GPU by default."""
         dev = pick_device(device)
@@ -60,7 +63,9 @@ class Captioner:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             inputs = self.processor([text] * len(idx), [audios[i] for i in idx])
-            ids = generate(self.model, inputs, self.processor.stop_ids(), options, pad_id=self.processor.pad_id)
+            ids = generate(
+                self.model, inputs, self.processor.stop_ids(), options, pad_id=self.processor.pad_id
+            )
             for i, row in zip(idx, ids, strict=True):
                 out[i] = self.processor.decode(row)
         return out

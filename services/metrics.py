@@ -6,14 +6,17 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # Gateway
 GATEWAY_SESSIONS = Gauge("midasheng_gateway_sessions", "Live caption sessions open on this gateway")
-CHUNK_SECONDS = Histogram("midasheng_chunk_latency_seconds", "Time to accept one audio chunk (decode + encoder push)")
+CHUNK_SECONDS = Histogram(
+    "midasheng_chunk_latency_seconds", "Time to accept one audio chunk (decode + encoder push)"
+)
 REJECTED_CHUNKS = Counter("midasheng_rejected_chunks_total", "Audio chunks rejected as invalid", ["reason"])
 DROPPED_CHUNKS = Counter("midasheng_dropped_chunks_total", "Audio dropped by a bounded buffer", ["where"])
 
 # Encoder
 ENCODER_SESSIONS = Gauge("midasheng_encoder_sessions", "Streaming encoder sessions held")
-ENCODER_BATCH = Histogram("midasheng_encoder_batch_windows", "Windows per encoder micro-batch",
-                          buckets=(1, 2, 4, 8, 16, 32, 64))
+ENCODER_BATCH = Histogram(
+    "midasheng_encoder_batch_windows", "Windows per encoder micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
 ENCODER_SECONDS = Histogram("midasheng_encoder_batch_seconds", "Encoder micro-batch compute time")
 ENCODER_QUEUE = Gauge("midasheng_encoder_queue_jobs", "Encoder jobs waiting for the device")
 TOKENS_PUBLISHED = Counter("midasheng_audio_tokens_published_total", "5 Hz audio tokens published", ["kind"])
@@ -23,7 +26,9 @@ LM_SESSIONS = Gauge("midasheng_lm_sessions", "Live sessions leased by this LM wo
 QUEUE_LAG = Histogram("midasheng_queue_lag_seconds", "Age of an audio-token publication when the LM reads it")
 CAPTION_SECONDS = Histogram("midasheng_caption_batch_seconds", "Engine time per caption batch")
 CAPTION_EVENTS = Counter("midasheng_caption_events_total", "Caption events written")
-LM_DUPLICATES = Counter("midasheng_lm_duplicates_total", "Redelivered publications skipped as already applied")
+LM_DUPLICATES = Counter(
+    "midasheng_lm_duplicates_total", "Redelivered publications skipped as already applied"
+)
 DEAD_LETTERS = Counter("midasheng_dead_letters_total", "Messages moved to the dead-letter stream")
 GENERATED_TOKENS = Counter("midasheng_generated_tokens_total", "Caption tokens generated")
 PENDING = Gauge("midasheng_pending_entries", "Entries delivered but not yet acknowledged", ["stream"])

@@ -49,7 +49,9 @@ class PcmConverter:
         validate_format(sample_rate, encoding, channels)
         self.sample_rate, self.encoding, self.channels = sample_rate, encoding, channels
         self._resampler = (
-            None if sample_rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            None
+            if sample_rate == SAMPLE_RATE
+            else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         )
         self._pts = 0
 
@@ -72,6 +74,8 @@ class PcmConverter:
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
 
 
-def pcm_to_mono16k(data: bytes, sample_rate: int, encoding: str = "LINEAR16", channels: int = 1) -> np.ndarray:
+def pcm_to_mono16k(
+    data: bytes, sample_rate: int, encoding: str = "LINEAR16", channels: int = 1
+) -> np.ndarray:
     conv = PcmConverter(sample_rate, encoding, channels)
     return np.concatenate([conv.convert(data), conv.flush()])

@@ -23,8 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (up, caption, stream, watch, synth, train, evaluate, gateway_server, encoder_server, lm_server,
-                   jobs, adapters):
+    for module in (
+        up,
+        caption,
+        stream,
+        watch,
+        synth,
+        train,
+        evaluate,
+        gateway_server,
+        encoder_server,
+        lm_server,
+        jobs,
+        adapters,
+    ):
         module.add_parser(sub)
     return parser
 

@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions.required = True
     li = actions.add_parser("list", help="registered adapters, newest first (one JSON object a line)")
     li.add_argument("--base-model", default=None, help="only adapters trained on this base model")
-    ex = actions.add_parser("export", help="merge an adapter into its base model (published checkpoint layout)")
+    ex = actions.add_parser(
+        "export", help="merge an adapter into its base model (published checkpoint layout)"
+    )
     ex.add_argument("name", metavar="NAME")
     ex.add_argument("--out", type=Path, required=True, help="output directory")
     for a in (li, ex):

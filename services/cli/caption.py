@@ -20,16 +20,28 @@ SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "srt": ".srt", "vtt": ".vtt"}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled demo model)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint directory or hub id (default: the bundled demo model)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on GPU, float32 on CPU); the frontend stays fp32")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default: bfloat16 on GPU, float32 on CPU); the frontend stays fp32",
+    )
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked about the audio (default: {DEFAULT_PROMPT!r})")
+    p.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"question asked about the audio (default: {DEFAULT_PROMPT!r})",
+    )
     p.add_argument("--system-prompt", default=None, help="optional system turn")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit in tokens (default: 64)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="caption length limit in tokens (default: 64)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
@@ -55,12 +67,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="JSON lines output (same as --format jsonl)")
-    p.add_argument("--segment", type=float, default=None, metavar="SECONDS",
-                   help=f"caption consecutive segments of this length (default: {DEFAULT_SEGMENT_SECONDS:.0f} s "
-                   f"for files longer than {LONG_AUDIO_SECONDS:.0f} s, else whole files); 0 disables")
+    p.add_argument(
+        "--segment",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"caption consecutive segments of this length (default: {DEFAULT_SEGMENT_SECONDS:.0f} s "
+        f"for files longer than {LONG_AUDIO_SECONDS:.0f} s, else whole files); 0 disables",
+    )
     p.add_argument("--format", choices=FORMATS, default=None, help="output format (default: text)")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="write one output file per input here instead of printing (needed for srt/vtt with several files)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="write one output file per input here instead of printing (needed for srt/vtt with several files)",
+    )
     p.set_defaults(func=run)
 
 
@@ -73,7 +94,10 @@ def _segment_length(args: argparse.Namespace, seconds: float) -> float | None:
 def run(args: argparse.Namespace) -> int:
     fmt = "jsonl" if args.json else (args.format or "text")
     if fmt in ("srt", "vtt") and len(args.files) > 1 and args.output_dir is None:
-        print("midasheng caption: error: --format srt/vtt with several files needs --output-dir", file=sys.stderr)
+        print(
+            "midasheng caption: error: --format srt/vtt with several files needs --output-dir",
+            file=sys.stderr,
+        )
         return 2
     if args.batch_size < 1:
         print("midasheng caption: error: --batch-size must be at least 1", file=sys.stderr)
@@ -84,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
 
     failures = 0
-    progress = tqdm(args.files, desc="captioning", unit="file", disable=len(args.files) < 2 or None, file=sys.stderr)
+    progress = tqdm(
+        args.files, desc="captioning", unit="file", disable=len(args.files) < 2 or None, file=sys.stderr
+    )
     for path in progress:
         try:
             audio = decode_audio(path)
@@ -94,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         seconds = len(audio) / SAMPLE_RATE
         seg = _segment_length(args, seconds)
-        gen = dict(prompt=args.prompt, system_prompt=args.system_prompt, options=options, batch_size=args.batch_size)
+        gen = dict(
+            prompt=args.prompt, system_prompt=args.system_prompt, options=options, batch_size=args.batch_size
+        )
         if seg is None:
             captions = [TimedCaption(0.0, seconds, captioner.caption([audio], **gen)[0])]  # type: ignore[arg-type]
         else:
@@ -103,10 +131,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _emit(path: Path, captions: list[TimedCaption], fmt: str, args: argparse.Namespace, whole: bool, single: bool) -> None:
+def _emit(
+    path: Path, captions: list[TimedCaption], fmt: str, args: argparse.Namespace, whole: bool, single: bool
+) -> None:
     if fmt == "jsonl":
         text = "".join(
-            json.dumps({"file": str(path), "start": round(c.start, 3), "end": round(c.end, 3), "caption": c.text})
+            json.dumps(
+                {"file": str(path), "start": round(c.start, 3), "end": round(c.end, 3), "caption": c.text}
+            )
             + "\n"
             for c in captions
         )

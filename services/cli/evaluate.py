@@ -29,8 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     scores = evaluate_dataset(
-        args.data, args.model, adapter=args.adapter, results_path=args.results, batch_size=args.batch_size,
-        limit=args.limit, device=args.device, progress=sys.stderr.isatty(),
+        args.data,
+        args.model,
+        adapter=args.adapter,
+        results_path=args.results,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        progress=sys.stderr.isatty(),
     )
     print(json.dumps(scores, indent=2))
     return 0

@@ -29,17 +29,31 @@ def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, jobs_pb2_grpc.JobServ
 
 def create_request(args: argparse.Namespace) -> jobs_pb2.CreateJobRequest:
     hp = jobs_pb2.Hyperparameters(
-        learning_rate=args.lr or 0.0, epochs=args.epochs or 0, max_steps=args.max_steps or 0,
-        batch_size=args.batch_size or 0, grad_accum=args.grad_accum or 0, warmup_steps=args.warmup_steps or 0,
-        lora_rank=args.lora_rank or 0, lora_alpha=args.lora_alpha or 0.0,
+        learning_rate=args.lr or 0.0,
+        epochs=args.epochs or 0,
+        max_steps=args.max_steps or 0,
+        batch_size=args.batch_size or 0,
+        grad_accum=args.grad_accum or 0,
+        warmup_steps=args.warmup_steps or 0,
+        lora_rank=args.lora_rank or 0,
+        lora_alpha=args.lora_alpha or 0.0,
         lora_targets=[t for t in (args.lora_targets or "").split(",") if t],
-        eval_every=args.eval_every or 0, checkpoint_every=args.checkpoint_every or 0)
+        eval_every=args.eval_every or 0,
+        checkpoint_every=args.checkpoint_every or 0,
+    )
     if args.lora_dropout is not None:
         hp.lora_dropout = args.lora_dropout
     return jobs_pb2.CreateJobRequest(
-        name=args.name, dataset_uri=str(args.data), eval_dataset_uri=str(args.eval_data or ""),
-        base_model=args.base_model or "", method=jobs_pb2.FULL if args.method == "full" else jobs_pb2.LORA,
-        hyperparameters=hp, seed=args.seed, num_gpus=args.num_gpus, adapter_name=args.adapter_name or "")
+        name=args.name,
+        dataset_uri=str(args.data),
+        eval_dataset_uri=str(args.eval_data or ""),
+        base_model=args.base_model or "",
+        method=jobs_pb2.FULL if args.method == "full" else jobs_pb2.LORA,
+        hyperparameters=hp,
+        seed=args.seed,
+        num_gpus=args.num_gpus,
+        adapter_name=args.adapter_name or "",
+    )
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -60,8 +74,14 @@ def _client(args: argparse.Namespace, stub: jobs_pb2_grpc.JobServiceStub) -> int
         _print(stub.GetJob(jobs_pb2.GetJobRequest(job_id=args.job_id), timeout=t))
     elif args.action == "list":
         statuses = [jobs_pb2.JobStatus.Value(s.upper()) for s in args.status]
-        _print(stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=args.page_size, page_token=args.page_token,
-                                                      statuses=statuses), timeout=t))
+        _print(
+            stub.ListJobs(
+                jobs_pb2.ListJobsRequest(
+                    page_size=args.page_size, page_token=args.page_token, statuses=statuses
+                ),
+                timeout=t,
+            )
+        )
     elif args.action == "cancel":
         _print(stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=args.job_id), timeout=t))
     elif args.action == "events":
@@ -76,8 +96,10 @@ def _client(args: argparse.Namespace, stub: jobs_pb2_grpc.JobServiceStub) -> int
                 _print(job)
                 return 0 if job.status == jobs_pb2.SUCCEEDED else 1
             if time.monotonic() > deadline:
-                print(f"midasheng jobs wait: still {jobs_pb2.JobStatus.Name(job.status)} after {args.timeout:.0f} s",
-                      file=sys.stderr)
+                print(
+                    f"midasheng jobs wait: still {jobs_pb2.JobStatus.Name(job.status)} after {args.timeout:.0f} s",
+                    file=sys.stderr,
+                )
                 return 3
             time.sleep(args.poll)
     return 0
@@ -107,14 +129,19 @@ def run_worker(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from services.jobs.worker import add_arguments
 
-    p = sub.add_parser("jobs", help="fine-tuning jobs: create, watch, cancel; serve the jobs API",
-                       description="Client of the JobService (--server), or `serve` to run it.")
+    p = sub.add_parser(
+        "jobs",
+        help="fine-tuning jobs: create, watch, cancel; serve the jobs API",
+        description="Client of the JobService (--server), or `serve` to run it.",
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
     def client(name: str, help_: str) -> argparse.ArgumentParser:
         a = actions.add_parser(name, help=help_)
-        a.add_argument("--server", default="127.0.0.1:50071", help="jobs API address (default: 127.0.0.1:50071)")
+        a.add_argument(
+            "--server", default="127.0.0.1:50071", help="jobs API address (default: 127.0.0.1:50071)"
+        )
         a.set_defaults(func=run_client)
         return a
 
@@ -144,8 +171,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     li = client("list", "list jobs, newest first")
     li.add_argument("--page-size", type=int, default=20)
     li.add_argument("--page-token", default="")
-    li.add_argument("--status", action="append", default=[],
-                    choices=["validating", "queued", "running", "succeeded", "failed", "cancelled"])
+    li.add_argument(
+        "--status",
+        action="append",
+        default=[],
+        choices=["validating", "queued", "running", "succeeded", "failed", "cancelled"],
+    )
     ev = client("events", "print a job's events (one JSON object a line)")
     ev.add_argument("job_id", metavar="JOB_ID")
     ev.add_argument("--after", type=int, default=0, help="only events after this event id")
@@ -163,8 +194,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--base-model", default="demo", help="base model of jobs that name none (default: demo)")
     s.set_defaults(func=run_serve)
 
-    wk = sub.add_parser("worker", help="run a training worker (takes jobs from Redis)",
-                        description="Takes fine-tuning jobs from the Redis jobs stream, one at a time; resumes "
-                        "jobs whose worker died; multi-GPU jobs run under torchrun.")
+    wk = sub.add_parser(
+        "worker",
+        help="run a training worker (takes jobs from Redis)",
+        description="Takes fine-tuning jobs from the Redis jobs stream, one at a time; resumes "
+        "jobs whose worker died; multi-GPU jobs run under torchrun.",
+    )
     add_arguments(wk)
     wk.set_defaults(func=run_worker)

@@ -71,10 +71,18 @@ def _pipe(child: Child, out: object, lock: threading.Lock) -> None:
 
 def _spawn(stack: Stack, name: str, args: list[str], out: object) -> Child:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "services", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     child = Child(name, proc)
-    child.thread = threading.Thread(target=_pipe, args=(child, out, stack._lock), name=f"log-{name}", daemon=True)
+    child.thread = threading.Thread(
+        target=_pipe, args=(child, out, stack._lock), name=f"log-{name}", daemon=True
+    )
     child.thread.start()
     stack.children.append(child)
     return child
@@ -90,9 +98,18 @@ def _ready(stack: Stack, child: Child, target: str, service: str) -> None:
     raise MidashengError(f"{child.name} did not become healthy within {READY_TIMEOUT_S:.0f} s")
 
 
-def start_stack(model: str | None = None, redis_url: str | None = None, host: str = "127.0.0.1",
-                gateway_port: int = 50051, http_port: int | None = None, lm_workers: int = 1, lm_processes: int = 1,
-                device: str = "auto", out: object = sys.stderr, extra_gateway_args: list[str] | None = None) -> Stack:
+def start_stack(
+    model: str | None = None,
+    redis_url: str | None = None,
+    host: str = "127.0.0.1",
+    gateway_port: int = 50051,
+    http_port: int | None = None,
+    lm_workers: int = 1,
+    lm_processes: int = 1,
+    device: str = "auto",
+    out: object = sys.stderr,
+    extra_gateway_args: list[str] | None = None,
+) -> Stack:
     """Start everything and return once every service answers its health check."""
     redis = None
     if not redis_url:
@@ -103,16 +120,51 @@ def start_stack(model: str | None = None, redis_url: str | None = None, host: st
     stack = Stack(redis_url, f"{host}:{gw_port}", f"{host}:{enc_port}", f"{host}:{lm_port}", redis=redis)
     model_args = ["--model", model] if model else []
     try:
-        enc = _spawn(stack, "encoder", ["encoder", "--listen", stack.encoder, "--redis-url", redis_url,
-                                        "--device", device, *model_args], out)
+        enc = _spawn(
+            stack,
+            "encoder",
+            ["encoder", "--listen", stack.encoder, "--redis-url", redis_url, "--device", device, *model_args],
+            out,
+        )
         lms = []
         for i in range(lm_processes):
             port = lm_port if i == 0 else free_port()
-            lms.append((_spawn(stack, f"lm-{i}", ["lm", "--listen", f"{host}:{port}", "--redis-url", redis_url,
-                                                  "--workers", str(lm_workers), "--worker-id", f"lm{i}",
-                                                  "--device", device, *model_args], out), f"{host}:{port}"))
-        gw_args = ["gateway", "--listen", stack.gateway, "--encoder", stack.encoder, "--lm", stack.lm,
-                   "--redis-url", redis_url, *(extra_gateway_args or [])]
+            lms.append(
+                (
+                    _spawn(
+                        stack,
+                        f"lm-{i}",
+                        [
+                            "lm",
+                            "--listen",
+                            f"{host}:{port}",
+                            "--redis-url",
+                            redis_url,
+                            "--workers",
+                            str(lm_workers),
+                            "--worker-id",
+                            f"lm{i}",
+                            "--device",
+                            device,
+                            *model_args,
+                        ],
+                        out,
+                    ),
+                    f"{host}:{port}",
+                )
+            )
+        gw_args = [
+            "gateway",
+            "--listen",
+            stack.gateway,
+            "--encoder",
+            stack.encoder,
+            "--lm",
+            stack.lm,
+            "--redis-url",
+            redis_url,
+            *(extra_gateway_args or []),
+        ]
         if http_port is not None:
             gw_args += ["--http", f"{host}:{http_port}"]
             stack.http = f"http://{host}:{http_port}/"
@@ -135,20 +187,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "private redis-server is started on a free loopback port. Ctrl-C stops everything.",
     )
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
-    p.add_argument("--host", default="127.0.0.1", help="address every service listens on (default: 127.0.0.1)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address every service listens on (default: 127.0.0.1)"
+    )
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port (default: 50051)")
-    p.add_argument("--http-port", type=int, default=8080, help="web page and WebRTC port (default: 8080; 0 = off)")
+    p.add_argument(
+        "--http-port", type=int, default=8080, help="web page and WebRTC port (default: 8080; 0 = off)"
+    )
     p.add_argument("--lm-workers", type=int, default=1, help="live worker loops per LM process")
     p.add_argument("--lm-processes", type=int, default=1, help="LM processes (default: 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (default: $REDIS_URL)")
+    p.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (default: $REDIS_URL)"
+    )
     p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    stack = start_stack(args.model, args.redis_url, args.host, args.port, args.http_port or None,
-                        args.lm_workers, args.lm_processes, args.device)
+    stack = start_stack(
+        args.model,
+        args.redis_url,
+        args.host,
+        args.port,
+        args.http_port or None,
+        args.lm_workers,
+        args.lm_processes,
+        args.device,
+    )
     lines = [f"midasheng is up: gRPC gateway at {stack.gateway}"]
     if stack.http:
         lines.append(f"  web page:  {stack.http}")
@@ -163,8 +229,11 @@ def run(args: argparse.Namespace) -> int:
         while not done.wait(0.5):
             dead = [c for c in stack.children if c.process.poll() is not None]
             if dead:
-                print(f"midasheng up: {dead[0].name} exited with code {dead[0].process.returncode}; stopping",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"midasheng up: {dead[0].name} exited with code {dead[0].process.returncode}; stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -172,4 +241,3 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
     print("midasheng up: stopped", flush=True)
     return 0
-

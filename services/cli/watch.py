@@ -52,7 +52,9 @@ def is_live(source: str) -> bool:
 class SourceReader:
     """Decodes ``source`` into 100 ms PCM chunks on a thread; reopens live sources with backoff."""
 
-    def __init__(self, source: str, realtime: bool, loop: bool = False, max_reconnects: int | None = None) -> None:
+    def __init__(
+        self, source: str, realtime: bool, loop: bool = False, max_reconnects: int | None = None
+    ) -> None:
         self.source = source
         self.realtime = realtime
         self.loop = loop
@@ -129,26 +131,35 @@ class SourceReader:
             self.chunks.put(None)  # end marker (the queue always has room for it eventually)
 
 
-def requests(reader: SourceReader, cfg: captions_pb2.SessionConfig) -> Iterator[captions_pb2.StreamCaptionsRequest]:
+def requests(
+    reader: SourceReader, cfg: captions_pb2.SessionConfig
+) -> Iterator[captions_pb2.StreamCaptionsRequest]:
     yield captions_pb2.StreamCaptionsRequest(config=cfg)
     seq = 0
     while True:
         try:
             chunk = reader.chunks.get(timeout=KEEPALIVE_S)
         except queue.Empty:  # source reconnecting: keep the session alive
-            yield captions_pb2.StreamCaptionsRequest(control=captions_pb2.Control(action=captions_pb2.Control.KEEP_ALIVE))
+            yield captions_pb2.StreamCaptionsRequest(
+                control=captions_pb2.Control(action=captions_pb2.Control.KEEP_ALIVE)
+            )
             continue
         if chunk is None:
             break
         seq += 1
         yield captions_pb2.StreamCaptionsRequest(audio=captions_pb2.AudioChunk(data=chunk, seq=seq))
-    yield captions_pb2.StreamCaptionsRequest(control=captions_pb2.Control(action=captions_pb2.Control.FINALIZE))
+    yield captions_pb2.StreamCaptionsRequest(
+        control=captions_pb2.Control(action=captions_pb2.Control.FINALIZE)
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("watch", help="caption a live source (HTTP/HLS/RTSP/Icecast URL) or a file in real time",
-                       description="Ingest any source PyAV can open into a caption session, print captions, and "
-                       "show the session on the monitoring page. Live sources are reopened with backoff when they drop.")
+    p = sub.add_parser(
+        "watch",
+        help="caption a live source (HTTP/HLS/RTSP/Icecast URL) or a file in real time",
+        description="Ingest any source PyAV can open into a caption session, print captions, and "
+        "show the session on the monitoring page. Live sources are reopened with backoff when they drop.",
+    )
     p.add_argument("source", metavar="URL|FILE")
     p.add_argument("--server", default="127.0.0.1:50051", help="gateway address (default: 127.0.0.1:50051)")
     p.add_argument("--prompt", default="", help="question asked about the audio")
@@ -156,7 +167,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hop", type=float, default=0.0, help="seconds between updates (default: 2)")
     p.add_argument("--adapter", default="", help="LoRA adapter name")
     p.add_argument("--no-interim", dest="interim", action="store_false", help="only final captions")
-    p.add_argument("--fast", action="store_true", help="read files as fast as possible instead of in real time")
+    p.add_argument(
+        "--fast", action="store_true", help="read files as fast as possible instead of in real time"
+    )
     p.add_argument("--loop", action="store_true", help="play a file again and again")
     p.add_argument("--max-reconnects", type=int, default=None, help="give up after this many reopen attempts")
     p.add_argument("--token", default=None, help="bearer token when the server requires one")
@@ -164,11 +177,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reader = SourceReader(args.source, realtime=not args.fast, loop=args.loop,
-                          max_reconnects=args.max_reconnects).start()
-    cfg = captions_pb2.SessionConfig(sample_rate_hz=SAMPLE_RATE, encoding=captions_pb2.LINEAR16, channels=1,
-                                     interim_results=args.interim, window_seconds=args.window,
-                                     hop_seconds=args.hop, prompt=args.prompt, adapter=args.adapter)
+    reader = SourceReader(
+        args.source, realtime=not args.fast, loop=args.loop, max_reconnects=args.max_reconnects
+    ).start()
+    cfg = captions_pb2.SessionConfig(
+        sample_rate_hz=SAMPLE_RATE,
+        encoding=captions_pb2.LINEAR16,
+        channels=1,
+        interim_results=args.interim,
+        window_seconds=args.window,
+        hop_seconds=args.hop,
+        prompt=args.prompt,
+        adapter=args.adapter,
+    )
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
     from services.cli.stream import print_event
 
@@ -185,5 +206,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         reader.stop.set()
     if reader.dropped:
-        print(f"# dropped {reader.dropped} chunks (100 ms each) because the stream fell behind", file=sys.stderr)
+        print(
+            f"# dropped {reader.dropped} chunks (100 ms each) because the stream fell behind", file=sys.stderr
+        )
     return 0

@@ -21,8 +21,14 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 
 
-async def publish(path: str, url: str, config: dict[str, Any] | None = None, token: str | None = None,
-                  on_message: Callable[[dict[str, Any]], None] | None = None, timeout: float = 120.0) -> list[dict[str, Any]]:
+async def publish(
+    path: str,
+    url: str,
+    config: dict[str, Any] | None = None,
+    token: str | None = None,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float = 120.0,
+) -> list[dict[str, Any]]:
     """Stream ``path`` and return every caption-channel message received until ``ended``."""
     messages: list[dict[str, Any]] = []
     done = asyncio.Event()

@@ -50,10 +50,16 @@ REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
 # thread, back to back, so an end not followed by termination within this long is a real half-close.
 HALF_CLOSE_GRACE_S = 0.25
 RPC_TIMEOUT_S = 30.0
-ENCODINGS = {captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16", captions_pb2.LINEAR16: "LINEAR16",
-             captions_pb2.FLOAT32: "FLOAT32"}
-END_REASONS = {"end_of_stream": captions_pb2.SessionEnded.CLIENT_CLOSED, "error": captions_pb2.SessionEnded.ERROR,
-               "idle": captions_pb2.SessionEnded.IDLE_TIMEOUT}
+ENCODINGS = {
+    captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16",
+    captions_pb2.LINEAR16: "LINEAR16",
+    captions_pb2.FLOAT32: "FLOAT32",
+}
+END_REASONS = {
+    "end_of_stream": captions_pb2.SessionEnded.CLIENT_CLOSED,
+    "error": captions_pb2.SessionEnded.ERROR,
+    "idle": captions_pb2.SessionEnded.IDLE_TIMEOUT,
+}
 
 
 class GrpcEncoderLink:
@@ -72,18 +78,33 @@ class GrpcEncoderLink:
             raise encoder_error(e, sid, self.target) from e
 
     def open(self, sid: str, emit_seconds: float, reattach_only: bool = False) -> tuple[int, bool]:
-        r = self._call(self.stub.OpenSession, encoder_pb2.OpenSessionRequest(
-            session_id=sid, emit_interval_seconds=emit_seconds, reattach_only=reattach_only), sid)
+        r = self._call(
+            self.stub.OpenSession,
+            encoder_pb2.OpenSessionRequest(
+                session_id=sid, emit_interval_seconds=emit_seconds, reattach_only=reattach_only
+            ),
+            sid,
+        )
         return int(r.last_seq), bool(r.reattached)
 
     def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
-        self._call(self.stub.PushAudio, encoder_pb2.PushAudioRequest(
-            session_id=sid, seq=seq, format=encoder_pb2.SAMPLE_FORMAT_FLOAT32,
-            data=np.ascontiguousarray(samples, dtype="<f4").tobytes(), end_of_stream=end_of_stream), sid)
+        self._call(
+            self.stub.PushAudio,
+            encoder_pb2.PushAudioRequest(
+                session_id=sid,
+                seq=seq,
+                format=encoder_pb2.SAMPLE_FORMAT_FLOAT32,
+                data=np.ascontiguousarray(samples, dtype="<f4").tobytes(),
+                end_of_stream=end_of_stream,
+            ),
+            sid,
+        )
 
     def close(self, sid: str, flush: bool) -> None:
         try:
-            self._call(self.stub.CloseSession, encoder_pb2.CloseSessionRequest(session_id=sid, flush=flush), sid)
+            self._call(
+                self.stub.CloseSession, encoder_pb2.CloseSessionRequest(session_id=sid, flush=flush), sid
+            )
         except NotFound:
             pass
 
@@ -127,41 +148,73 @@ def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
 
 def effective_pb(sid: str, s: StreamSettings, resume_after: str) -> captions_pb2.SessionConfig:
     return captions_pb2.SessionConfig(
-        sample_rate_hz=s.sample_rate, encoding=captions_pb2.AudioEncoding.Value(s.encoding), channels=s.channels,
-        prompt=s.session.prompt, window_seconds=s.session.window_seconds, hop_seconds=s.session.hop_seconds,
-        interim_results=s.session.interim_results, adapter=s.session.adapter, language=s.language,
-        session_id=sid, resume_after_event_id=resume_after, max_new_tokens=s.session.max_new_tokens,
+        sample_rate_hz=s.sample_rate,
+        encoding=captions_pb2.AudioEncoding.Value(s.encoding),
+        channels=s.channels,
+        prompt=s.session.prompt,
+        window_seconds=s.session.window_seconds,
+        hop_seconds=s.session.hop_seconds,
+        interim_results=s.session.interim_results,
+        adapter=s.session.adapter,
+        language=s.language,
+        session_id=sid,
+        resume_after_event_id=resume_after,
+        max_new_tokens=s.session.max_new_tokens,
     )
 
 
 def limits_pb(lim: GatewayLimits) -> captions_pb2.ServerLimits:
     return captions_pb2.ServerLimits(
-        max_chunk_bytes=lim.max_chunk_bytes, max_session_seconds=lim.max_session_seconds,
-        idle_timeout_seconds=lim.idle_timeout_seconds, resume_retention_seconds=lim.resume_retention_seconds,
-        max_prompt_chars=lim.max_prompt_chars, max_new_tokens=lim.max_new_tokens, max_channels=lim.max_channels,
-        min_sample_rate_hz=lim.min_sample_rate_hz, max_sample_rate_hz=lim.max_sample_rate_hz,
+        max_chunk_bytes=lim.max_chunk_bytes,
+        max_session_seconds=lim.max_session_seconds,
+        idle_timeout_seconds=lim.idle_timeout_seconds,
+        resume_retention_seconds=lim.resume_retention_seconds,
+        max_prompt_chars=lim.max_prompt_chars,
+        max_new_tokens=lim.max_new_tokens,
+        max_channels=lim.max_channels,
+        min_sample_rate_hz=lim.min_sample_rate_hz,
+        max_sample_rate_hz=lim.max_sample_rate_hz,
     )
 
 
-def event_pb(ev: Event, last_caption_id: str = "", end_reason: str = "") -> captions_pb2.StreamCaptionsResponse:
+def event_pb(
+    ev: Event, last_caption_id: str = "", end_reason: str = ""
+) -> captions_pb2.StreamCaptionsResponse:
     """A caption-stream entry as a response; ``end_reason`` ("idle") overrides the end's reason."""
     f = ev.fields
     if ev.type == "caption":
-        return captions_pb2.StreamCaptionsResponse(caption=captions_pb2.CaptionEvent(
-            event_id=ev.id, segment_id=int(f["segment_id"]), revision=int(f["revision"]),
-            window_start_seconds=float(f["window_start"]), window_end_seconds=float(f["window_end"]),
-            text=f.get("text", ""), is_final=f.get("is_final") == "1",
-            audio_processed_seconds=float(f.get("audio_seconds", 0.0)), adapter=f.get("adapter", "")))
+        return captions_pb2.StreamCaptionsResponse(
+            caption=captions_pb2.CaptionEvent(
+                event_id=ev.id,
+                segment_id=int(f["segment_id"]),
+                revision=int(f["revision"]),
+                window_start_seconds=float(f["window_start"]),
+                window_end_seconds=float(f["window_end"]),
+                text=f.get("text", ""),
+                is_final=f.get("is_final") == "1",
+                audio_processed_seconds=float(f.get("audio_seconds", 0.0)),
+                adapter=f.get("adapter", ""),
+            )
+        )
     if ev.type == "error":
         default = grpc.StatusCode.INTERNAL if f.get("fatal") == "1" else grpc.StatusCode.DATA_LOSS
         code = grpc.StatusCode.__members__.get(f.get("code", ""), default)
-        return captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
-            code=code.value[0],
-            message=f.get("message", ""), reason=f.get("reason", "CAPTION_WORKER"), fatal=f.get("fatal") == "1"))
+        return captions_pb2.StreamCaptionsResponse(
+            error=captions_pb2.StreamError(
+                code=code.value[0],
+                message=f.get("message", ""),
+                reason=f.get("reason", "CAPTION_WORKER"),
+                fatal=f.get("fatal") == "1",
+            )
+        )
     reason = end_reason or f.get("reason", "")
-    return captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(
-        reason=END_REASONS.get(reason, captions_pb2.SessionEnded.REASON_UNSPECIFIED),
-        total_audio_seconds=float(f.get("audio_seconds", 0.0)), last_event_id=last_caption_id))
+    return captions_pb2.StreamCaptionsResponse(
+        ended=captions_pb2.SessionEnded(
+            reason=END_REASONS.get(reason, captions_pb2.SessionEnded.REASON_UNSPECIFIED),
+            total_audio_seconds=float(f.get("audio_seconds", 0.0)),
+            last_event_id=last_caption_id,
+        )
+    )
 
 
 _END = object()  # the client half-closed its request stream: flush and finish
@@ -196,8 +249,9 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         terminated = threading.Event()
         if not context.add_callback(terminated.set):
             return  # the call already ended
-        reader = threading.Thread(target=_pump, args=(request_iterator, inbox, terminated), name="stream-reader",
-                                  daemon=True)
+        reader = threading.Thread(
+            target=_pump, args=(request_iterator, inbox, terminated), name="stream-reader", daemon=True
+        )
         reader.start()
         limits = self.gateway.limits
         try:
@@ -221,13 +275,25 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
             session = self.gateway.create(settings_from_pb(cfg))
             cursor = "0-0"
         generation = session.generation
-        yield captions_pb2.StreamCaptionsResponse(started=captions_pb2.SessionStarted(
-            session_id=session.sid, effective_config=effective_pb(session.sid, session.settings, cursor),
-            limits=limits_pb(limits), resumed=session.resumed, last_seq=session.audio_seq))
+        yield captions_pb2.StreamCaptionsResponse(
+            started=captions_pb2.SessionStarted(
+                session_id=session.sid,
+                effective_config=effective_pb(session.sid, session.settings, cursor),
+                limits=limits_pb(limits),
+                resumed=session.resumed,
+                last_seq=session.audio_seq,
+            )
+        )
         yield from self._relay(session, inbox, cursor, context, generation)
 
-    def _relay(self, session: LiveSession, inbox: queue.Queue[object], cursor: str,
-               context: grpc.ServicerContext, generation: int) -> Iterator[captions_pb2.StreamCaptionsResponse]:
+    def _relay(
+        self,
+        session: LiveSession,
+        inbox: queue.Queue[object],
+        cursor: str,
+        context: grpc.ServicerContext,
+        generation: int,
+    ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
         limits = self.gateway.limits
         client_done = False
         finished = False
@@ -254,16 +320,28 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                         try:
                             self._handle(session, item)  # type: ignore[arg-type]
                         except Unavailable as e:
-                            raise Unavailable(f"{e}; session {session.sid} can be resumed (send from "
-                                              f"SessionStarted.last_seq + 1) once it is back") from e
-                if not session.ended and time.monotonic() - session.last_activity > limits.idle_timeout_seconds:
-                    log.info("session %s idle for %.0f s; finalizing", session.sid, limits.idle_timeout_seconds)
+                            raise Unavailable(
+                                f"{e}; session {session.sid} can be resumed (send from "
+                                f"SessionStarted.last_seq + 1) once it is back"
+                            ) from e
+                if (
+                    not session.ended
+                    and time.monotonic() - session.last_activity > limits.idle_timeout_seconds
+                ):
+                    log.info(
+                        "session %s idle for %.0f s; finalizing", session.sid, limits.idle_timeout_seconds
+                    )
                     session.end_reason = "idle"
                     session.finalize()
-                    yield captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
-                        code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reason="IDLE_TIMEOUT",
-                        message=f"no audio or keep-alive for {limits.idle_timeout_seconds:.0f} s; the session is "
-                        "being finalized", fatal=False))
+                    yield captions_pb2.StreamCaptionsResponse(
+                        error=captions_pb2.StreamError(
+                            code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+                            reason="IDLE_TIMEOUT",
+                            message=f"no audio or keep-alive for {limits.idle_timeout_seconds:.0f} s; the session is "
+                            "being finalized",
+                            fatal=False,
+                        )
+                    )
                 # 2. caption events
                 for ev in session.events(cursor, POLL_MS):
                     cursor, last_event = ev.id, time.monotonic()
@@ -275,12 +353,21 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                         return
                 if session.ended and time.monotonic() - last_event > END_TIMEOUT_S:
                     finished = True
-                    yield captions_pb2.StreamCaptionsResponse(error=captions_pb2.StreamError(
-                        code=grpc.StatusCode.UNAVAILABLE.value[0], reason="NO_CAPTION_WORKER", fatal=True,
-                        message=f"no caption worker finished the session within {END_TIMEOUT_S:.0f} s"))
-                    yield captions_pb2.StreamCaptionsResponse(ended=captions_pb2.SessionEnded(
-                        reason=captions_pb2.SessionEnded.ERROR, total_audio_seconds=session.seconds,
-                        last_event_id=last_caption))
+                    yield captions_pb2.StreamCaptionsResponse(
+                        error=captions_pb2.StreamError(
+                            code=grpc.StatusCode.UNAVAILABLE.value[0],
+                            reason="NO_CAPTION_WORKER",
+                            fatal=True,
+                            message=f"no caption worker finished the session within {END_TIMEOUT_S:.0f} s",
+                        )
+                    )
+                    yield captions_pb2.StreamCaptionsResponse(
+                        ended=captions_pb2.SessionEnded(
+                            reason=captions_pb2.SessionEnded.ERROR,
+                            total_audio_seconds=session.seconds,
+                            last_event_id=last_caption,
+                        )
+                    )
                     return
                 if not context.is_active():
                     return

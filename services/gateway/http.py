@@ -75,8 +75,9 @@ def final_captions(events: Sequence[Event]) -> list[TimedCaption]:
     for ev in events:
         f = ev.fields
         if ev.type == "caption" and f.get("is_final") == "1":
-            finals[int(f["segment_id"])] = TimedCaption(float(f["window_start"]), float(f["window_end"]),
-                                                        f.get("text", ""))
+            finals[int(f["segment_id"])] = TimedCaption(
+                float(f["window_start"]), float(f["window_end"]), f.get("text", "")
+            )
     return [finals[k] for k in sorted(finals)]
 
 
@@ -102,8 +103,14 @@ class SessionReader:
             raise NotFound(f"session {sid} does not exist or has expired")
         return [Event(i.decode(), _decode(f)) for i, f in entries]
 
-    def summary(self, sid: str, config: dict[str, str], entries: list[tuple[bytes, dict[bytes, bytes]]],
-                now: float, active: bool) -> dict[str, Any]:
+    def summary(
+        self,
+        sid: str,
+        config: dict[str, str],
+        entries: list[tuple[bytes, dict[bytes, bytes]]],
+        now: float,
+        active: bool,
+    ) -> dict[str, Any]:
         latest: dict[str, Any] | None = None
         latest_final: dict[str, Any] | None = None
         ended: dict[str, Any] | None = None
@@ -128,12 +135,18 @@ class SessionReader:
             audio_seconds = max(audio_seconds, local.seconds)
         created = float(config.get("created", 0) or 0)
         return {
-            "id": sid, "active": active, "started": created, "age_seconds": round(now - created, 1) if created else None,
-            "audio_seconds": round(audio_seconds, 2), "webrtc": local is not None,
-            "prompt": config.get("prompt", ""), "adapter": config.get("adapter", ""),
+            "id": sid,
+            "active": active,
+            "started": created,
+            "age_seconds": round(now - created, 1) if created else None,
+            "audio_seconds": round(audio_seconds, 2),
+            "webrtc": local is not None,
+            "prompt": config.get("prompt", ""),
+            "adapter": config.get("adapter", ""),
             "window_seconds": float(config.get("window_seconds", 0) or 0),
             "hop_seconds": float(config.get("hop_seconds", 0) or 0),
-            "latest": latest, "latest_final": latest_final,
+            "latest": latest,
+            "latest_final": latest_final,
             "ended": None if ended is None else {"reason": ended["reason"]},
             "ended_at": self._ended.get(sid),
         }
@@ -165,8 +178,11 @@ class SessionReader:
             if not config and not entries:
                 continue  # expired
             out.append(self.summary(sid, config, entries, now, active=i < len(active)))
-        return {"now": now, "sessions": [s for s in out if s["active"]],
-                "recent": [s for s in out if not s["active"]]}
+        return {
+            "now": now,
+            "sessions": [s for s in out if s["active"]],
+            "recent": [s for s in out if not s["active"]],
+        }
 
 
 class HttpApp:
@@ -223,8 +239,11 @@ class HttpApp:
             return
         got = request.headers.get("Authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-            raise Unauthenticated("this gateway requires an 'Authorization: Bearer <token>' header"
-                                  if not got else "the access token is not valid")
+            raise Unauthenticated(
+                "this gateway requires an 'Authorization: Bearer <token>' header"
+                if not got
+                else "the access token is not valid"
+            )
 
     def page(self, name: str) -> Handler:
         path = STATIC_DIR / name
@@ -239,13 +258,23 @@ class HttpApp:
 
     async def config(self, request: web.Request) -> web.Response:
         d, lim = SessionSettings(), self.gateway.limits
-        return web.json_response({
-            "ice_servers": [ice_server_json(s) for s in self.ingest.ice_servers],
-            "defaults": {"prompt": d.prompt, "window_seconds": d.window_seconds, "hop_seconds": d.hop_seconds,
-                         "interim_results": d.interim_results, "adapter": d.adapter},
-            "limits": {"max_prompt_chars": lim.max_prompt_chars, "max_session_seconds": lim.max_session_seconds,
-                       "inactivity_seconds": self.ingest.limits.inactivity_seconds},
-        })
+        return web.json_response(
+            {
+                "ice_servers": [ice_server_json(s) for s in self.ingest.ice_servers],
+                "defaults": {
+                    "prompt": d.prompt,
+                    "window_seconds": d.window_seconds,
+                    "hop_seconds": d.hop_seconds,
+                    "interim_results": d.interim_results,
+                    "adapter": d.adapter,
+                },
+                "limits": {
+                    "max_prompt_chars": lim.max_prompt_chars,
+                    "max_session_seconds": lim.max_session_seconds,
+                    "inactivity_seconds": self.ingest.limits.inactivity_seconds,
+                },
+            }
+        )
 
     async def offer(self, request: web.Request) -> web.Response:
         try:
@@ -259,7 +288,9 @@ class HttpApp:
             raise InvalidArgument("'sdp' and 'type' must be strings")
         settings = settings_from_json(body.get("config"))
         try:
-            answer, answer_type, sid = await asyncio.wait_for(self.ingest.offer(sdp, kind, settings), START_TIMEOUT_S)
+            answer, answer_type, sid = await asyncio.wait_for(
+                self.ingest.offer(sdp, kind, settings), START_TIMEOUT_S
+            )
         except TimeoutError as e:
             raise ResourceExhausted(f"the session could not be started within {START_TIMEOUT_S:.0f} s") from e
         return web.json_response({"sdp": answer, "type": answer_type, "session_id": sid})
@@ -275,16 +306,26 @@ class HttpApp:
     async def captions_vtt(self, request: web.Request) -> web.Response:
         events = await self._events(request)
         sid = request.match_info["sid"]
-        return web.Response(text=to_webvtt(final_captions(events)), content_type="text/vtt", charset="utf-8",
-                            headers={"Content-Disposition": f'attachment; filename="{sid}.vtt"'})
+        return web.Response(
+            text=to_webvtt(final_captions(events)),
+            content_type="text/vtt",
+            charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{sid}.vtt"'},
+        )
 
     async def captions_json(self, request: web.Request) -> web.Response:
         events = await self._events(request)
         sid = request.match_info["sid"]
-        body = {"session_id": sid, "events": [event_json(ev) for ev in events],
-                "finals": [{"start": c.start, "end": c.end, "text": c.text} for c in final_captions(events)]}
-        return web.Response(text=json.dumps(body, ensure_ascii=False, indent=1), content_type="application/json",
-                            headers={"Content-Disposition": f'attachment; filename="{sid}.json"'})
+        body = {
+            "session_id": sid,
+            "events": [event_json(ev) for ev in events],
+            "finals": [{"start": c.start, "end": c.end, "text": c.text} for c in final_captions(events)],
+        }
+        return web.Response(
+            text=json.dumps(body, ensure_ascii=False, indent=1),
+            content_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{sid}.json"'},
+        )
 
 
 @dataclass
@@ -313,8 +354,14 @@ class HttpServer:
         self.thread.join(timeout=5)
 
 
-def start_http(gateway: LiveGateway, host: str, port: int, token: str | None = None,
-               ice_servers: Sequence[RTCIceServer] | None = None, limits: WebRtcLimits | None = None) -> HttpServer:
+def start_http(
+    gateway: LiveGateway,
+    host: str,
+    port: int,
+    token: str | None = None,
+    ice_servers: Sequence[RTCIceServer] | None = None,
+    limits: WebRtcLimits | None = None,
+) -> HttpServer:
     """Start the web server on its own loop and thread; returns once it listens."""
     loop = asyncio.new_event_loop()
     started: dict[str, Any] = {}

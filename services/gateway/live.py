@@ -90,8 +90,14 @@ class Event:
 
 
 class LiveSession:
-    def __init__(self, gateway: LiveGateway, sid: str, settings: StreamSettings, audio_seq: int = 0,
-                 resumed: bool = False) -> None:
+    def __init__(
+        self,
+        gateway: LiveGateway,
+        sid: str,
+        settings: StreamSettings,
+        audio_seq: int = 0,
+        resumed: bool = False,
+    ) -> None:
         self.gateway = gateway
         self.sid = sid
         self.settings = settings
@@ -120,7 +126,9 @@ class LiveSession:
         limits = self.gateway.limits
         if len(data) > limits.max_chunk_bytes:
             metrics.REJECTED_CHUNKS.labels(reason="oversized").inc()
-            raise InvalidArgument(f"audio chunk of {len(data)} bytes exceeds the limit of {limits.max_chunk_bytes} bytes")
+            raise InvalidArgument(
+                f"audio chunk of {len(data)} bytes exceeds the limit of {limits.max_chunk_bytes} bytes"
+            )
         with self.lock:
             if self.ended:
                 raise FailedPrecondition("the session was finalized; no more audio is accepted")
@@ -141,7 +149,9 @@ class LiveSession:
                     metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
                     raise
             if (self.samples + samples.size) / 16000 > limits.max_session_seconds:
-                raise ResourceExhausted(f"the session reached its maximum of {limits.max_session_seconds:.0f} s")
+                raise ResourceExhausted(
+                    f"the session reached its maximum of {limits.max_session_seconds:.0f} s"
+                )
             # Counted only once the encoder has it: a failed push can be sent again with the same seq.
             self._unpushed = (nxt, samples, zlib.crc32(data))
             self._push(nxt, samples)
@@ -187,8 +197,13 @@ class LiveSession:
 class LiveGateway:
     """Creates, resumes and reaps live sessions."""
 
-    def __init__(self, client: redis.Redis, encoder: EncoderLink, limits: GatewayLimits | None = None,
-                 defaults: TransportDefaults | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        encoder: EncoderLink,
+        limits: GatewayLimits | None = None,
+        defaults: TransportDefaults | None = None,
+    ) -> None:
         self.redis = client
         self.encoder = encoder
         self.limits = limits or GatewayLimits()
@@ -209,12 +224,19 @@ class LiveGateway:
             raise InvalidArgument("session_id may hold only letters, digits, '-' and '_' (at most 64)")
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
-                raise ResourceExhausted(f"this gateway serves its maximum of {self.limits.max_sessions} sessions")
+                raise ResourceExhausted(
+                    f"this gateway serves its maximum of {self.limits.max_sessions} sessions"
+                )
         cfg = settings_to_hash(settings.session) | {
-            "sample_rate": str(settings.sample_rate), "encoding": settings.encoding,
-            "channels": str(settings.channels), "language": settings.language, "created": f"{time.time():.3f}",
+            "sample_rate": str(settings.sample_rate),
+            "encoding": settings.encoding,
+            "channels": str(settings.channels),
+            "language": settings.language,
+            "created": f"{time.time():.3f}",
         }
-        if not self.redis.hsetnx(keys.session_config(sid), "created", cfg["created"]):  # claims the id atomically
+        if not self.redis.hsetnx(
+            keys.session_config(sid), "created", cfg["created"]
+        ):  # claims the id atomically
             raise InvalidArgument(f"session {sid} already exists; resume it instead")
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.session_config(sid), mapping=cfg)
@@ -231,8 +253,15 @@ class LiveGateway:
         with self._lock:
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
-        log.info("session %s started (%d Hz %s x%d, window %.1f s, hop %.1f s)", sid, settings.sample_rate,
-                 settings.encoding, settings.channels, settings.session.window_seconds, settings.session.hop_seconds)
+        log.info(
+            "session %s started (%d Hz %s x%d, window %.1f s, hop %.1f s)",
+            sid,
+            settings.sample_rate,
+            settings.encoding,
+            settings.channels,
+            settings.session.window_seconds,
+            settings.session.hop_seconds,
+        )
         return session
 
     def resume(self, sid: str) -> LiveSession:
@@ -247,13 +276,19 @@ class LiveGateway:
             raise NotFound(f"session {sid} does not exist or has expired")
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         if fields.get(ABANDONED_FIELD):
-            raise FailedPrecondition(f"session {sid} can no longer be resumed: {fields[ABANDONED_FIELD]}; "
-                                     "start a new session")
+            raise FailedPrecondition(
+                f"session {sid} can no longer be resumed: {fields[ABANDONED_FIELD]}; start a new session"
+            )
         if known is not None:
             settings, ended, last_seq = known.settings, known.ended, known.audio_seq
         else:
-            settings = StreamSettings(int(fields["sample_rate"]), fields["encoding"], int(fields["channels"]),
-                                      settings_from_hash(raw), fields.get("language", ""))
+            settings = StreamSettings(
+                int(fields["sample_rate"]),
+                fields["encoding"],
+                int(fields["channels"]),
+                settings_from_hash(raw),
+                fields.get("language", ""),
+            )
             ended, last_seq = fields.get(ENDED_FIELD) == "1", int(fields.get(LAST_SEQ_FIELD, 0))
         if not ended:
             try:
@@ -263,8 +298,9 @@ class LiveGateway:
                 # seq 1 and never reach the captions.
                 reason = "the encoder lost its audio state"
                 if self.abandon(sid, reason, known):
-                    raise FailedPrecondition(f"session {sid} can no longer be resumed: {reason}; "
-                                             "start a new session") from e
+                    raise FailedPrecondition(
+                        f"session {sid} can no longer be resumed: {reason}; start a new session"
+                    ) from e
                 ended = True  # it had ended after all: replay its events
         with self._lock:
             self._detached.pop(sid, None)
@@ -297,8 +333,13 @@ class LiveGateway:
         else:
             log.warning("abandoning session %s: %s", sid, reason)
             self.redis.hset(keys.session_config(sid), ABANDONED_FIELD, reason)
-            self.streams.end_with_error(sid, f"{reason}; start a new session", "FAILED_PRECONDITION",
-                                        "ENCODER_STATE_LOST", self.defaults.captions_maxlen)
+            self.streams.end_with_error(
+                sid,
+                f"{reason}; start a new session",
+                "FAILED_PRECONDITION",
+                "ENCODER_STATE_LOST",
+                self.defaults.captions_maxlen,
+            )
         self.redis.zrem(keys.ACTIVE_SESSIONS, sid)  # LM workers let it go (LMWorker._drop_abandoned)
         if session is not None:
             session.ended = True
@@ -329,7 +370,9 @@ class LiveGateway:
         """Finalize sessions whose client did not come back within the retention time."""
         now = time.monotonic()
         with self._lock:
-            expired = [sid for sid, t in self._detached.items() if now - t > self.limits.resume_retention_seconds]
+            expired = [
+                sid for sid, t in self._detached.items() if now - t > self.limits.resume_retention_seconds
+            ]
         for sid in expired:
             session = self._sessions.get(sid)
             if session is not None:
@@ -343,7 +386,9 @@ class LiveGateway:
         return expired
 
     def read_events(self, sid: str, after: str, block_ms: int) -> list[Event]:
-        res = self.redis.xread({keys.session_captions(sid): after or "0-0"}, count=100, block=max(1, block_ms))
+        res = self.redis.xread(
+            {keys.session_captions(sid): after or "0-0"}, count=100, block=max(1, block_ms)
+        )
         out: list[Event] = []
         for _stream, entries in res or []:
             for entry_id, fields in entries:

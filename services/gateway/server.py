@@ -46,9 +46,17 @@ class GatewayServer:
         self.gateway.redis.close()
 
 
-def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, address: str = "127.0.0.1:0",
-                  limits: GatewayLimits | None = None, token: str | None = None, max_workers: int = 64,
-                  http_address: str | None = None, ice_servers: list[str] | None = None) -> GatewayServer:
+def start_gateway(
+    redis_url: str,
+    encoder_target: str,
+    lm_target: str | None,
+    address: str = "127.0.0.1:0",
+    limits: GatewayLimits | None = None,
+    token: str | None = None,
+    max_workers: int = 64,
+    http_address: str | None = None,
+    ice_servers: list[str] | None = None,
+) -> GatewayServer:
     client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
     encoder = GrpcEncoderLink(encoder_target)
     gateway = LiveGateway(client, encoder, limits)
@@ -63,8 +71,9 @@ def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, ad
     srv = GatewayServer(server, port, gateway, encoder, servicer, reaper)
     if http_address:
         try:
-            srv.http = start_http(gateway, *parse_address(http_address), token=token,
-                                  ice_servers=ice_servers_from(ice_servers))
+            srv.http = start_http(
+                gateway, *parse_address(http_address), token=token, ice_servers=ice_servers_from(ice_servers)
+            )
         except BaseException:
             srv.stop()
             raise
@@ -72,30 +81,59 @@ def start_gateway(redis_url: str, encoder_target: str, lm_target: str | None, ad
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("gateway", help="run the public gateway (gRPC streaming API)",
-                       description="Public StreamCaptions/Caption/BatchCaption API; drives the encoder service "
-                       "and relays caption events from Redis.")
+    p = sub.add_parser(
+        "gateway",
+        help="run the public gateway (gRPC streaming API)",
+        description="Public StreamCaptions/Caption/BatchCaption API; drives the encoder service "
+        "and relays caption events from Redis.",
+    )
     p.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address (default: 127.0.0.1:50051)")
     p.add_argument("--encoder", default="127.0.0.1:50061", help="encoder service address")
-    p.add_argument("--lm", default="127.0.0.1:50062", help="LM service address (offline Caption/BatchCaption)")
+    p.add_argument(
+        "--lm", default="127.0.0.1:50062", help="LM service address (offline Caption/BatchCaption)"
+    )
     p.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
-    p.add_argument("--token", default=os.environ.get("MIDASHENG_TOKEN"),
-                   help="require 'authorization: Bearer TOKEN' (default: $MIDASHENG_TOKEN; none = open)")
-    p.add_argument("--idle-timeout", type=float, default=GatewayLimits.idle_timeout_seconds,
-                   help="seconds without audio or keep-alive before a session is finalized")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("MIDASHENG_TOKEN"),
+        help="require 'authorization: Bearer TOKEN' (default: $MIDASHENG_TOKEN; none = open)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=GatewayLimits.idle_timeout_seconds,
+        help="seconds without audio or keep-alive before a session is finalized",
+    )
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
-    p.add_argument("--http", default=None, metavar="HOST:PORT",
-                   help="serve the web page, monitoring view and WebRTC ingest here (default: off)")
-    p.add_argument("--ice-server", action="append", default=None, metavar="URL",
-                   help="STUN/TURN server for WebRTC, repeatable: stun:HOST:PORT or turn:USER:PASS@HOST:PORT "
-                   "(default: $MIDASHENG_ICE_SERVERS, comma-separated; none = fine on loopback and LANs)")
+    p.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the web page, monitoring view and WebRTC ingest here (default: off)",
+    )
+    p.add_argument(
+        "--ice-server",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="STUN/TURN server for WebRTC, repeatable: stun:HOST:PORT or turn:USER:PASS@HOST:PORT "
+        "(default: $MIDASHENG_ICE_SERVERS, comma-separated; none = fine on loopback and LANs)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     limits = GatewayLimits(idle_timeout_seconds=args.idle_timeout)
-    srv = start_gateway(redis_url_from(args.redis_url), args.encoder, args.lm, args.listen, limits, args.token,
-                        http_address=args.http, ice_servers=args.ice_server)
+    srv = start_gateway(
+        redis_url_from(args.redis_url),
+        args.encoder,
+        args.lm,
+        args.listen,
+        limits,
+        args.token,
+        http_address=args.http,
+        ice_servers=args.ice_server,
+    )
     serve_metrics(args.metrics_port)
     print(f"gateway ready on port {srv.port}", flush=True)
     if srv.http is not None:

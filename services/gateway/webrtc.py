@@ -62,7 +62,9 @@ def parse_ice_server(spec: str) -> RTCIceServer:
     spec = spec.strip()
     scheme, sep, rest = spec.partition(":")
     if not sep or scheme not in ("stun", "stuns", "turn", "turns") or not rest:
-        raise InvalidArgument(f"ICE server {spec!r} must look like stun:HOST:PORT or turn:USER:PASS@HOST:PORT")
+        raise InvalidArgument(
+            f"ICE server {spec!r} must look like stun:HOST:PORT or turn:USER:PASS@HOST:PORT"
+        )
     if "@" in rest:
         creds, host = rest.rsplit("@", 1)
         user, _, password = creds.partition(":")
@@ -92,15 +94,32 @@ def event_json(ev: Event) -> dict[str, Any]:
     """A caption-stream entry as the JSON message the page receives (the gRPC event_pb, as JSON)."""
     f = ev.fields
     if ev.type == "caption":
-        return {"type": "caption", "event_id": ev.id, "segment_id": int(f["segment_id"]),
-                "revision": int(f["revision"]), "window_start": float(f["window_start"]),
-                "window_end": float(f["window_end"]), "text": f.get("text", ""), "is_final": f.get("is_final") == "1",
-                "audio_seconds": float(f.get("audio_seconds", 0.0)), "adapter": f.get("adapter", "")}
+        return {
+            "type": "caption",
+            "event_id": ev.id,
+            "segment_id": int(f["segment_id"]),
+            "revision": int(f["revision"]),
+            "window_start": float(f["window_start"]),
+            "window_end": float(f["window_end"]),
+            "text": f.get("text", ""),
+            "is_final": f.get("is_final") == "1",
+            "audio_seconds": float(f.get("audio_seconds", 0.0)),
+            "adapter": f.get("adapter", ""),
+        }
     if ev.type == "error":
-        return {"type": "error", "event_id": ev.id, "message": f.get("message", ""),
-                "reason": f.get("reason", "lm"), "fatal": f.get("fatal") == "1"}
-    return {"type": "ended", "event_id": ev.id, "reason": f.get("reason", ""),
-            "audio_seconds": float(f.get("audio_seconds", 0.0))}
+        return {
+            "type": "error",
+            "event_id": ev.id,
+            "message": f.get("message", ""),
+            "reason": f.get("reason", "lm"),
+            "fatal": f.get("fatal") == "1",
+        }
+    return {
+        "type": "ended",
+        "event_id": ev.id,
+        "reason": f.get("reason", ""),
+        "audio_seconds": float(f.get("audio_seconds", 0.0)),
+    }
 
 
 def settings_from_json(cfg: object) -> StreamSettings:
@@ -109,7 +128,14 @@ def settings_from_json(cfg: object) -> StreamSettings:
         cfg = {}
     if not isinstance(cfg, dict):
         raise InvalidArgument("config must be a JSON object")
-    unknown = set(cfg) - {"prompt", "window_seconds", "hop_seconds", "adapter", "interim_results", "max_new_tokens"}
+    unknown = set(cfg) - {
+        "prompt",
+        "window_seconds",
+        "hop_seconds",
+        "adapter",
+        "interim_results",
+        "max_new_tokens",
+    }
     if unknown:
         raise InvalidArgument(f"unknown config field(s): {', '.join(sorted(unknown))}")
     base = SessionSettings()
@@ -145,8 +171,10 @@ def settings_from_json(cfg: object) -> StreamSettings:
     session = SessionSettings(
         window_seconds=number("window_seconds", base.window_seconds),
         hop_seconds=number("hop_seconds", base.hop_seconds),
-        prompt=text("prompt", base.prompt), interim_results=interim,
-        max_new_tokens=int(max_tokens), adapter=text("adapter", ""),
+        prompt=text("prompt", base.prompt),
+        interim_results=interim,
+        max_new_tokens=int(max_tokens),
+        adapter=text("adapter", ""),
     )
     return StreamSettings(sample_rate=SAMPLE_RATE, encoding="FLOAT32", channels=1, session=session)
 
@@ -233,8 +261,14 @@ class Peer:
             return
         log.error("peer %s: task %s failed", self.sid, task.get_name(), exc_info=task.exception())
         if not self.closed and not task.get_name().startswith("close-"):
-            self.send({"type": "error", "message": "internal error; see the gateway log", "reason": "internal",
-                       "fatal": True})
+            self.send(
+                {
+                    "type": "error",
+                    "message": "internal error; see the gateway log",
+                    "reason": "internal",
+                    "fatal": True,
+                }
+            )
             self.spawn(self.close("error"), "close")
 
     # --- audio in ---------------------------------------------------------------------------------
@@ -254,7 +288,9 @@ class Peer:
                 dropped = self.buffer.push(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
                 if dropped:
                     metrics.DROPPED_CHUNKS.labels(where="webrtc").inc()
-                    log.warning("session %s: encoder behind; dropped %.2f s of audio", self.sid, dropped / SAMPLE_RATE)
+                    log.warning(
+                        "session %s: encoder behind; dropped %.2f s of audio", self.sid, dropped / SAMPLE_RATE
+                    )
             if self.buffer.size >= int(self.ingest.limits.chunk_seconds * SAMPLE_RATE):
                 self.audio_ready.set()
         log.info("session %s: audio track ended", self.sid)
@@ -304,7 +340,11 @@ class Peer:
 
     def flush_pending(self) -> None:
         ch = self.channel
-        if self._pending_interim and ch is not None and ch.bufferedAmount <= self.ingest.limits.high_water_bytes:
+        if (
+            self._pending_interim
+            and ch is not None
+            and ch.bufferedAmount <= self.ingest.limits.high_water_bytes
+        ):
             msg, self._pending_interim = self._pending_interim, None
             self.send(msg)
 
@@ -361,8 +401,14 @@ class Peer:
         elif isinstance(msg, dict) and msg.get("type") == "ping":
             self.send({"type": "pong"})
         else:
-            self.send({"type": "error", "message": "unknown message; send {\"type\": \"stop\"} to end the stream",
-                       "reason": "protocol", "fatal": False})
+            self.send(
+                {
+                    "type": "error",
+                    "message": 'unknown message; send {"type": "stop"} to end the stream',
+                    "reason": "protocol",
+                    "fatal": False,
+                }
+            )
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def watchdog(self) -> None:
@@ -371,10 +417,18 @@ class Peer:
         while not self.closed:
             await asyncio.sleep(min(1.0, lim.inactivity_seconds / 4))
             if not self.stopping and time.monotonic() - self.last_frame > lim.inactivity_seconds:
-                log.info("session %s: no audio for %.0f s; closing the peer", self.sid, lim.inactivity_seconds)
-                self.send({"type": "error", "reason": "idle", "fatal": False,
-                           "message": f"no audio arrived for {lim.inactivity_seconds:.0f} s; the session is being "
-                           "finalized and will end"})
+                log.info(
+                    "session %s: no audio for %.0f s; closing the peer", self.sid, lim.inactivity_seconds
+                )
+                self.send(
+                    {
+                        "type": "error",
+                        "reason": "idle",
+                        "fatal": False,
+                        "message": f"no audio arrived for {lim.inactivity_seconds:.0f} s; the session is being "
+                        "finalized and will end",
+                    }
+                )
                 await self.end("idle")
                 return
 
@@ -409,8 +463,12 @@ class Peer:
 class WebRtcIngest:
     """Accepts WebRTC offers for one gateway; owns every peer (closed on shutdown)."""
 
-    def __init__(self, gateway: LiveGateway, ice_servers: Sequence[RTCIceServer] = (),
-                 limits: WebRtcLimits | None = None) -> None:
+    def __init__(
+        self,
+        gateway: LiveGateway,
+        ice_servers: Sequence[RTCIceServer] = (),
+        limits: WebRtcLimits | None = None,
+    ) -> None:
         self.gateway = gateway
         self.ice_servers = list(ice_servers)
         self.limits = limits or WebRtcLimits()
@@ -487,9 +545,19 @@ class WebRtcIngest:
             channel.on("message", peer.on_message)
             if peer.session is not None:
                 s = peer.session.settings.session
-                peer.send({"type": "started", "session_id": peer.sid, "config": {
-                    "prompt": s.prompt, "window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds,
-                    "adapter": s.adapter, "interim_results": s.interim_results}})
+                peer.send(
+                    {
+                        "type": "started",
+                        "session_id": peer.sid,
+                        "config": {
+                            "prompt": s.prompt,
+                            "window_seconds": s.window_seconds,
+                            "hop_seconds": s.hop_seconds,
+                            "adapter": s.adapter,
+                            "interim_results": s.interim_results,
+                        },
+                    }
+                )
                 peer.spawn(peer.relay(), "relay")
 
         @pc.on("connectionstatechange")

@@ -30,37 +30,50 @@ class JobsAPI:
             spec = replace(spec, base_model=self.default_base_model)
         spec.validate()
         if spec.adapter_name and self.store.adapter_exists(spec.adapter_name):
-            raise AlreadyExists(f"An adapter named {spec.adapter_name!r} already exists; choose another "
-                                "adapter_name (or job name).")
+            raise AlreadyExists(
+                f"An adapter named {spec.adapter_name!r} already exists; choose another "
+                "adapter_name (or job name)."
+            )
         from services.jobs.store import new_job_id
 
         job = Job(id=new_job_id(), spec=spec, status=JobStatus.VALIDATING, created_at=time.time())
         self.store.create(job, "Job created; validating the dataset and base model.")
         result = validate_job(spec)
         if result.error is not None:
-            failed = job.evolve(status=JobStatus.FAILED, error=result.error, problems=result.problems,
-                                finished_at=time.time())
+            failed = job.evolve(
+                status=JobStatus.FAILED, error=result.error, problems=result.problems, finished_at=time.time()
+            )
             self.store.write(failed, self.store.event(failed, EventKind.STATUS, result.error.message))
             return failed
         queued = job.evolve(status=JobStatus.QUEUED)
-        self.store.write(queued, self.store.event(
-            queued, EventKind.STATUS, f"Validated {result.rows} training rows; waiting for a training worker."),
-            allowed=(JobStatus.VALIDATING,))
-        self.streams.add(JOBS_STREAM, {"job_id": job.id}, self.store.defaults.jobs_stream_maxlen, counter="jobs")
+        self.store.write(
+            queued,
+            self.store.event(
+                queued,
+                EventKind.STATUS,
+                f"Validated {result.rows} training rows; waiting for a training worker.",
+            ),
+            allowed=(JobStatus.VALIDATING,),
+        )
+        self.streams.add(
+            JOBS_STREAM, {"job_id": job.id}, self.store.defaults.jobs_stream_maxlen, counter="jobs"
+        )
         return self.store.get(job.id)
 
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
 
-    def list_jobs(self, page_size: int = 0, page_token: str = "",
-             statuses: tuple[JobStatus, ...] = ()) -> tuple[list[Job], str]:
+    def list_jobs(
+        self, page_size: int = 0, page_token: str = "", statuses: tuple[JobStatus, ...] = ()
+    ) -> tuple[list[Job], str]:
         return self.store.list_jobs(page_size, page_token, statuses)
 
     def cancel(self, job_id: str) -> Job:
         return self.store.request_cancel(job_id)
 
-    def events(self, job_id: str, after: int = 0, follow: bool = False,
-               is_active: object = None) -> Iterator[JobEvent]:
+    def events(
+        self, job_id: str, after: int = 0, follow: bool = False, is_active: object = None
+    ) -> Iterator[JobEvent]:
         """Stored events after ``after``; with ``follow`` also live ones until the job finishes.
 
         ``is_active`` (a callable) is polled between waits so a departed client ends the loop.
@@ -89,7 +102,9 @@ class JobsAPI:
                         yield ev
                     return
 
-    def adapters(self, page_size: int = 0, page_token: str = "", base_model: str = "") -> tuple[list[Adapter], str]:
+    def adapters(
+        self, page_size: int = 0, page_token: str = "", base_model: str = ""
+    ) -> tuple[list[Adapter], str]:
         return self.store.list_adapters(page_size, page_token, base_model)
 
     def adapter(self, name: str) -> Adapter:

@@ -121,7 +121,9 @@ class JobSpec:
         if not NAME_RE.match(self.name or ""):
             out.append(f"name must be 1 to 64 characters of [A-Za-z0-9._-], got {self.name!r}.")
         if self.adapter_name and not NAME_RE.match(self.adapter_name):
-            out.append(f"adapter_name must be 1 to 64 characters of [A-Za-z0-9._-], got {self.adapter_name!r}.")
+            out.append(
+                f"adapter_name must be 1 to 64 characters of [A-Za-z0-9._-], got {self.adapter_name!r}."
+            )
         if not self.dataset_uri:
             out.append("dataset_uri is required.")
         if not self.base_model:

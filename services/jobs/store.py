@@ -41,8 +41,15 @@ JOB_GROUP = "trainers"
 
 
 def _job(job_id: str, suffix: str = "") -> str:
-    if not isinstance(job_id, str) or not job_id or len(job_id) > 64 or any(c.isspace() or c == ":" for c in job_id):
-        raise InvalidArgument(f"A job id must be 1 to 64 characters without whitespace or ':', got {job_id!r}.")
+    if (
+        not isinstance(job_id, str)
+        or not job_id
+        or len(job_id) > 64
+        or any(c.isspace() or c == ":" for c in job_id)
+    ):
+        raise InvalidArgument(
+            f"A job id must be 1 to 64 characters without whitespace or ':', got {job_id!r}."
+        )
     return f"{PREFIX}:job:{job_id}{suffix}"
 
 
@@ -80,8 +87,10 @@ class JobDefaults:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"JobDefaults.{name} must be a positive integer, got {value!r}.")
         if not self.heartbeat_ms < self.lease_ttl_ms <= self.claim_min_idle_ms:
-            raise ConfigError("JobDefaults needs heartbeat_ms < lease_ttl_ms <= claim_min_idle_ms, so a live "
-                              "worker keeps its job and a dead one's lease has lapsed before its job is taken over.")
+            raise ConfigError(
+                "JobDefaults needs heartbeat_ms < lease_ttl_ms <= claim_min_idle_ms, so a live "
+                "worker keeps its job and a dead one's lease has lapsed before its job is taken over."
+            )
 
 
 _WRITE_LUA = """
@@ -175,10 +184,19 @@ class JobStore:
         """An event carrying the job's status, step and total steps now."""
         base: dict[str, Any] = {"step": job.step, "total_steps": job.total_steps}
         base.update(fields)
-        return JobEvent(job_id=job.id, kind=kind, status=job.status, message=message, created_at=time.time(), **base)
+        return JobEvent(
+            job_id=job.id, kind=kind, status=job.status, message=message, created_at=time.time(), **base
+        )
 
-    def write(self, job: Job | None, event: JobEvent | None = None, *, job_id: str | None = None,
-              owner: str = "", allowed: Iterable[JobStatus] = ()) -> int:
+    def write(
+        self,
+        job: Job | None,
+        event: JobEvent | None = None,
+        *,
+        job_id: str | None = None,
+        owner: str = "",
+        allowed: Iterable[JobStatus] = (),
+    ) -> int:
         """Store ``job`` (None = keep the document) and append ``event``, atomically; returns the event id.
 
         With ``owner`` the write happens only while ``owner`` holds the job's lease; with ``allowed``
@@ -186,8 +204,14 @@ class JobStore:
         """
         jid = job.id if job is not None else job_id or (event.job_id if event else "")
         allowed_arg = "," + ",".join(s.value for s in allowed) + "," if allowed else ""
-        args = [owner, allowed_arg, job.to_json() if job else "", job.status.value if job else "",
-                event.to_json() if event else "", self.defaults.events_maxlen]
+        args = [
+            owner,
+            allowed_arg,
+            job.to_json() if job else "",
+            job.status.value if job else "",
+            event.to_json() if event else "",
+            self.defaults.events_maxlen,
+        ]
         n, cur = self._write(keys=[job_key(jid), job_events_key(jid), job_lease_key(jid)], args=args)
         if int(n) == -1:
             raise WriteRefused("lease_lost")
@@ -214,14 +238,18 @@ class JobStore:
         if job.status in (JobStatus.VALIDATING, JobStatus.QUEUED):
             done = job.evolve(status=JobStatus.CANCELLED, finished_at=time.time())
             try:
-                self.write(done, self.event(done, EventKind.STATUS, "Cancelled before training started."),
-                           allowed=(JobStatus.VALIDATING, JobStatus.QUEUED))
+                self.write(
+                    done,
+                    self.event(done, EventKind.STATUS, "Cancelled before training started."),
+                    allowed=(JobStatus.VALIDATING, JobStatus.QUEUED),
+                )
             except WriteRefused:
                 pass  # a worker started it meanwhile; it sees the flag within a step
         return self.get(job_id)
 
-    def list_jobs(self, page_size: int = 0, page_token: str = "",
-             statuses: Iterable[JobStatus] = ()) -> tuple[list[Job], str]:
+    def list_jobs(
+        self, page_size: int = 0, page_token: str = "", statuses: Iterable[JobStatus] = ()
+    ) -> tuple[list[Job], str]:
         """A page of jobs, newest first, and the token of the next page ("" = last page)."""
         size = min(max(page_size or self.defaults.page_size, 1), self.defaults.max_page_size)
         wanted = set(statuses)
@@ -250,8 +278,10 @@ class JobStore:
             if len(jobs) == size or not more:
                 break
             top = "(" + last
-        more = more or (len(jobs) == size and bool(
-            self.client.zrevrangebylex(JOBS_INDEX, "(" + last, "-", start=0, num=1)))
+        more = more or (
+            len(jobs) == size
+            and bool(self.client.zrevrangebylex(JOBS_INDEX, "(" + last, "-", start=0, num=1))
+        )
         return jobs, _token(last) if more and last else ""
 
     # --- events --------------------------------------------------------------------------------
@@ -286,8 +316,9 @@ class JobStore:
             raise NotFound(f"Adapter {name!r} is not registered.")
         return Adapter.from_json(doc)  # type: ignore[arg-type]
 
-    def list_adapters(self, page_size: int = 0, page_token: str = "",
-                      base_model: str = "") -> tuple[list[Adapter], str]:
+    def list_adapters(
+        self, page_size: int = 0, page_token: str = "", base_model: str = ""
+    ) -> tuple[list[Adapter], str]:
         """A page of adapters, newest first, and the next page's token ("" = last page)."""
         size = min(max(page_size or self.defaults.page_size, 1), self.defaults.max_page_size)
         found = [Adapter.from_json(v) for v in self.client.hvals(ADAPTERS)]
@@ -322,7 +353,8 @@ def adapter_loader_from_registry(redis_url: str, base_model_dir: str | Path) -> 
             trained_on = Path(adapter.base_model)
         if trained_on != served:
             raise InvalidArgument(
-                f"Adapter {name!r} was trained on {adapter.base_model}, but this server serves {base_model_dir}.")
+                f"Adapter {name!r} was trained on {adapter.base_model}, but this server serves {base_model_dir}."
+            )
         if not (Path(adapter.path) / "adapter_config.json").exists():
             raise NotFound(f"Adapter {name!r} is registered but its files are missing from {adapter.path}.")
         return load_with_adapter(served, adapter.path)

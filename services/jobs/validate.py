@@ -28,8 +28,10 @@ def local_path(uri: str) -> Path:
     if uri.startswith("file://"):
         return Path(unquote(urlparse(uri).path))
     if "://" in uri:
-        raise ValueError(f"{uri} is not a local path; this deployment reads datasets from local paths or "
-                         "file:// URIs on storage the workers share.")
+        raise ValueError(
+            f"{uri} is not a local path; this deployment reads datasets from local paths or "
+            "file:// URIs on storage the workers share."
+        )
     return Path(uri).expanduser()
 
 
@@ -52,10 +54,14 @@ def check_base_model(base_model: str) -> JobError | None:
     if not looks_local:
         return None
     if not path.is_dir():
-        return JobError("base_model_not_found", f"Base model {base_model} does not exist (no such directory).")
+        return JobError(
+            "base_model_not_found", f"Base model {base_model} does not exist (no such directory)."
+        )
     if not (path / CONFIG_NAME).is_file():
-        return JobError("base_model_not_found",
-                        f"Base model {base_model} is not a checkpoint directory (it has no {CONFIG_NAME}).")
+        return JobError(
+            "base_model_not_found",
+            f"Base model {base_model} is not a checkpoint directory (it has no {CONFIG_NAME}).",
+        )
     return None
 
 
@@ -67,8 +73,9 @@ def check_dataset(uri: str, which: str = "dataset") -> Validation:
     try:
         rows, _ = read_dataset(path, on_error="fail")
     except DatasetError as e:
-        problems = tuple(JobError(_problem_code(msg), f"Row {row}: {msg}.", row)
-                         for row, msg in e.problems[:MAX_PROBLEMS])
+        problems = tuple(
+            JobError(_problem_code(msg), f"Row {row}: {msg}.", row) for row, msg in e.problems[:MAX_PROBLEMS]
+        )
         if not e.problems:
             return Validation(JobError("invalid_dataset", str(e)))
         rows_bad = sorted({row for row, _ in e.problems})

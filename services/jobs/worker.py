@@ -60,9 +60,22 @@ class WorkerSettings:
 def torchrun_command(job: Job, settings: WorkerSettings) -> list[str]:
     """The launch command of a multi-GPU job (Redis comes from $REDIS_URL, never the command line)."""
     # torchrun, run through this interpreter so it works without the venv's bin/ on PATH
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(job.spec.num_gpus),
-            "-m", "services.jobs.run_job",
-            "--job-id", job.id, "--jobs-dir", str(settings.jobs_dir), "--owner", settings.worker_id]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(job.spec.num_gpus),
+        "-m",
+        "services.jobs.run_job",
+        "--job-id",
+        job.id,
+        "--jobs-dir",
+        str(settings.jobs_dir),
+        "--owner",
+        settings.worker_id,
+    ]
 
 
 def train_config(job: Job, settings: WorkerSettings) -> Any:
@@ -70,14 +83,30 @@ def train_config(job: Job, settings: WorkerSettings) -> Any:
 
     spec, hp = job.spec, job.spec.hyperparameters
     return config_from_args(
-        data=local_path(spec.dataset_uri), out=settings.jobs_dir / job.id, model=spec.base_model,
-        method=spec.method, lora_rank=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-        lora_targets=tuple(hp.lora_targets), merge=False, learning_rate=hp.learning_rate,
-        warmup_steps=hp.warmup_steps, max_steps=hp.max_steps, epochs=float(hp.epochs), batch_size=hp.batch_size,
-        grad_accum=hp.grad_accum, eval_every=hp.eval_every,
+        data=local_path(spec.dataset_uri),
+        out=settings.jobs_dir / job.id,
+        model=spec.base_model,
+        method=spec.method,
+        lora_rank=hp.lora_rank,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        lora_targets=tuple(hp.lora_targets),
+        merge=False,
+        learning_rate=hp.learning_rate,
+        warmup_steps=hp.warmup_steps,
+        max_steps=hp.max_steps,
+        epochs=float(hp.epochs),
+        batch_size=hp.batch_size,
+        grad_accum=hp.grad_accum,
+        eval_every=hp.eval_every,
         eval_data=local_path(spec.eval_dataset_uri) if spec.eval_dataset_uri else None,
-        checkpoint_every=hp.checkpoint_every or settings.checkpoint_every, resume=True, seed=spec.seed,
-        on_bad_rows="skip", device=settings.device, log_every=1, progress=False,
+        checkpoint_every=hp.checkpoint_every or settings.checkpoint_every,
+        resume=True,
+        seed=spec.seed,
+        on_bad_rows="skip",
+        device=settings.device,
+        log_every=1,
+        progress=False,
     )
 
 
@@ -98,7 +127,9 @@ def error_for(exc: BaseException) -> JobError:
 class EventForwarder:
     """Turns Trainer events into job events and job updates, written under the worker's lease."""
 
-    def __init__(self, store: JobStore, job: Job, owner: str, metrics_every: int, lost: threading.Event) -> None:
+    def __init__(
+        self, store: JobStore, job: Job, owner: str, metrics_every: int, lost: threading.Event
+    ) -> None:
         self.store, self.job, self.owner = store, job, owner
         self.metrics_every, self.lost = metrics_every, lost
         self._losses: list[float] = []
@@ -107,8 +138,9 @@ class EventForwarder:
         if job is not None:
             self.job = job
         try:
-            self.store.write(job, self.store.event(self.job, kind, message, **fields), job_id=self.job.id,
-                             owner=self.owner)
+            self.store.write(
+                job, self.store.event(self.job, kind, message, **fields), job_id=self.job.id, owner=self.owner
+            )
         except WriteRefused:
             log.warning("job %s: lease lost; stopping", self.job.id)
             self.lost.set()  # should_stop fires before the next step
@@ -117,8 +149,12 @@ class EventForwarder:
         kind = e.get("event")
         if kind == "start":
             job = self.job.evolve(total_steps=int(e["total_steps"]), step=int(e["step"]))
-            self._write(job, EventKind.LOG, f"Training on {e['train_rows']} rows ({e['eval_rows']} held out), "
-                        f"{e['trainable_parameters']} trainable parameters, {e['total_steps']} steps.")
+            self._write(
+                job,
+                EventKind.LOG,
+                f"Training on {e['train_rows']} rows ({e['eval_rows']} held out), "
+                f"{e['trainable_parameters']} trainable parameters, {e['total_steps']} steps.",
+            )
         elif kind == "step":
             self._losses.append(float(e["loss"]))
             step = int(e["step"])
@@ -126,26 +162,48 @@ class EventForwarder:
                 loss = sum(self._losses) / len(self._losses)
                 self._losses.clear()
                 job = self.job.evolve(step=step, loss=loss)
-                self._write(job, EventKind.METRICS, loss=loss, learning_rate=float(e["lr"]),
-                            eta_seconds=float(e.get("eta_seconds", 0.0)))
+                self._write(
+                    job,
+                    EventKind.METRICS,
+                    loss=loss,
+                    learning_rate=float(e["lr"]),
+                    eta_seconds=float(e.get("eta_seconds", 0.0)),
+                )
         elif kind == "eval":
-            scores = {k: float(v) for k, v in e.items()
-                      if k not in ("event", "step", "time", "final") and isinstance(v, int | float)}
-            self._write(None, EventKind.EVAL, "Final evaluation." if e.get("final") else "", step=int(e["step"]),
-                        eval_scores=scores)
+            scores = {
+                k: float(v)
+                for k, v in e.items()
+                if k not in ("event", "step", "time", "final") and isinstance(v, int | float)
+            }
+            self._write(
+                None,
+                EventKind.EVAL,
+                "Final evaluation." if e.get("final") else "",
+                step=int(e["step"]),
+                eval_scores=scores,
+            )
         elif kind == "checkpoint":
             job = self.job.evolve(latest_checkpoint=str(e["path"]), step=int(e["step"]))
             self._write(job, EventKind.CHECKPOINT, checkpoint_path=str(e["path"]))
         elif kind == "resumed":
             job = self.job.evolve(step=int(e["step"]))
-            self._write(job, EventKind.LOG, f"Resumed from the checkpoint at step {e['step']} ({e['path']}).",
-                        checkpoint_path=str(e["path"]))
+            self._write(
+                job,
+                EventKind.LOG,
+                f"Resumed from the checkpoint at step {e['step']} ({e['path']}).",
+                checkpoint_path=str(e["path"]),
+            )
         elif kind == "bad_row":
             self._write(None, EventKind.LOG, f"Skipped row {e['row']}: {e['message']}.")
 
 
-def run_training(store: JobStore, job: Job, settings: WorkerSettings, lost: threading.Event,
-                 stop_extra: Callable[[], str | None] = lambda: None) -> str:
+def run_training(
+    store: JobStore,
+    job: Job,
+    settings: WorkerSettings,
+    lost: threading.Event,
+    stop_extra: Callable[[], str | None] = lambda: None,
+) -> str:
     """Train ``job`` (already RUNNING under ``settings.worker_id``'s lease) and write its ending.
 
     Returns "done" (terminal status written: ack the entry), "retry" (attempt failed, retry later)
@@ -178,14 +236,23 @@ def run_training(store: JobStore, job: Job, settings: WorkerSettings, lost: thre
             msg = f"Cancelled at step {result['step']} by request; checkpoint kept at {result['checkpoint']}."
             return _final(store, done, msg, owner)
         if why == "shutdown":
-            store.log(fwd.job, f"Worker {owner} is stopping; another worker will resume from step {result['step']}.",
-                      owner=owner)
+            store.log(
+                fwd.job,
+                f"Worker {owner} is stopping; another worker will resume from step {result['step']}.",
+                owner=owner,
+            )
         return "abandon"
     job = fwd.job.evolve(step=int(result["step"]))
     if "adapter" in result:
-        adapter = Adapter(name=job.spec.adapter_name, base_model=job.spec.base_model, path=str(result["adapter"]),
-                          metrics={k: float(v) for k, v in result.get("scores", {}).items()}, job_id=job.id,
-                          created_at=now, lora_rank=job.spec.hyperparameters.lora_rank)
+        adapter = Adapter(
+            name=job.spec.adapter_name,
+            base_model=job.spec.base_model,
+            path=str(result["adapter"]),
+            metrics={k: float(v) for k, v in result.get("scores", {}).items()},
+            job_id=job.id,
+            created_at=now,
+            lora_rank=job.spec.hyperparameters.lora_rank,
+        )
         try:
             store.register_adapter(adapter)
         except AlreadyExists as exc:
@@ -193,16 +260,20 @@ def run_training(store: JobStore, job: Job, settings: WorkerSettings, lost: thre
             if not mine:
                 return _failed(store, job, settings, JobError("adapter_name_taken", str(exc)), retry=False)
         done = job.evolve(status=JobStatus.SUCCEEDED, finished_at=now, adapter_name=adapter.name, error=None)
-        return _final(store, done, f"Training finished at step {job.step}; adapter {adapter.name!r} registered.",
-                      owner)
+        return _final(
+            store, done, f"Training finished at step {job.step}; adapter {adapter.name!r} registered.", owner
+        )
     done = job.evolve(status=JobStatus.SUCCEEDED, finished_at=now, error=None)
-    return _final(store, done, f"Training finished at step {job.step}; model saved to {result.get('model')}.",
-                  owner)
+    return _final(
+        store, done, f"Training finished at step {job.step}; model saved to {result.get('model')}.", owner
+    )
 
 
 def _final(store: JobStore, job: Job, message: str, owner: str) -> str:
     try:
-        store.write(job, store.event(job, EventKind.STATUS, message), owner=owner, allowed=(JobStatus.RUNNING,))
+        store.write(
+            job, store.event(job, EventKind.STATUS, message), owner=owner, allowed=(JobStatus.RUNNING,)
+        )
     except WriteRefused as exc:
         return "done" if exc.reason == "status" else "abandon"
     return "done"
@@ -212,9 +283,16 @@ def _failed(store: JobStore, job: Job, settings: WorkerSettings, error: JobError
     limit = settings.defaults.max_attempts
     if retry and job.attempts < limit:
         try:
-            store.write(job.evolve(error=error), store.event(
-                job, EventKind.LOG, f"Attempt {job.attempts} of {limit} failed ({error.message}); it will be "
-                "retried from the last checkpoint."), owner=settings.worker_id)
+            store.write(
+                job.evolve(error=error),
+                store.event(
+                    job,
+                    EventKind.LOG,
+                    f"Attempt {job.attempts} of {limit} failed ({error.message}); it will be "
+                    "retried from the last checkpoint.",
+                ),
+                owner=settings.worker_id,
+            )
         except WriteRefused:
             return "abandon"
         return "retry"
@@ -260,11 +338,21 @@ class TrainingWorker:
         self.store = JobStore.from_url(redis_url, d)
         self.client = self.store.client
         self.lease = Lease(self.client)
-        transport = TransportDefaults(lease_ttl_ms=d.lease_ttl_ms, heartbeat_ms=d.heartbeat_ms,
-                                      claim_min_idle_ms=d.claim_min_idle_ms, block_ms=d.block_ms,
-                                      max_deliveries=d.max_attempts + 3)  # attempts end a job first
-        self.consumer = Consumer(StreamClient(self.client, transport), JOBS_STREAM, JOB_GROUP, settings.worker_id,
-                                 transport, count=1)
+        transport = TransportDefaults(
+            lease_ttl_ms=d.lease_ttl_ms,
+            heartbeat_ms=d.heartbeat_ms,
+            claim_min_idle_ms=d.claim_min_idle_ms,
+            block_ms=d.block_ms,
+            max_deliveries=d.max_attempts + 3,
+        )  # attempts end a job first
+        self.consumer = Consumer(
+            StreamClient(self.client, transport),
+            JOBS_STREAM,
+            JOB_GROUP,
+            settings.worker_id,
+            transport,
+            count=1,
+        )
         self.stop_event = threading.Event()
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -321,23 +409,38 @@ class TrainingWorker:
             done = job.evolve(status=JobStatus.CANCELLED, finished_at=now)
             return _final_any(self.store, done, "Cancelled before training resumed.", owner)
         if job.attempts >= limit:
-            why = job.error.message if job.error else "its worker stopped (killed or lost its lease) every time"
-            failed = job.evolve(status=JobStatus.FAILED, finished_at=now, error=JobError(
-                "too_many_attempts", f"Gave up after {job.attempts} attempts; last problem: {why}"))
+            why = (
+                job.error.message if job.error else "its worker stopped (killed or lost its lease) every time"
+            )
+            failed = job.evolve(
+                status=JobStatus.FAILED,
+                finished_at=now,
+                error=JobError(
+                    "too_many_attempts", f"Gave up after {job.attempts} attempts; last problem: {why}"
+                ),
+            )
             return _final_any(self.store, failed, failed.error.message if failed.error else "", owner)
         takeover = job.status == JobStatus.RUNNING
         attempt = job.attempts + 1
-        running = job.evolve(status=JobStatus.RUNNING, attempts=attempt, worker=owner, started_at=job.started_at or now)
+        running = job.evolve(
+            status=JobStatus.RUNNING, attempts=attempt, worker=owner, started_at=job.started_at or now
+        )
         if takeover and job.worker and job.worker != owner:
-            msg = (f"Worker {owner} took over from worker {job.worker}, whose lease lapsed (attempt {attempt} of "
-                   f"{limit}); resuming from the last checkpoint.")
+            msg = (
+                f"Worker {owner} took over from worker {job.worker}, whose lease lapsed (attempt {attempt} of "
+                f"{limit}); resuming from the last checkpoint."
+            )
         elif takeover:
             msg = f"Worker {owner} retries the job (attempt {attempt} of {limit}) from the last checkpoint."
         else:
             msg = f"Worker {owner} started training (attempt {attempt} of {limit})."
         try:
-            self.store.write(running, self.store.event(running, EventKind.STATUS, msg), owner=owner,
-                             allowed=(JobStatus.QUEUED, JobStatus.RUNNING))
+            self.store.write(
+                running,
+                self.store.event(running, EventKind.STATUS, msg),
+                owner=owner,
+                allowed=(JobStatus.QUEUED, JobStatus.RUNNING),
+            )
         except WriteRefused as exc:
             return "done" if exc.reason == "status" else "abandon"
         keeper.start()
@@ -356,14 +459,27 @@ class TrainingWorker:
         job = job.evolve(launch_command=tuple(cmd))
         text = shlex.join(cmd)
         if self.settings.dry_run or visible < job.spec.num_gpus:
-            why = ("Dry run" if self.settings.dry_run else
-                   f"This worker has {visible} GPUs but the job asks for {job.spec.num_gpus}")
-            self.store.write(job, self.store.event(job, EventKind.LOG, f"{why}: launch command recorded, not run: "
-                                                   f"{text}"), owner=self.settings.worker_id)
-            failed = job.evolve(status=JobStatus.FAILED, finished_at=time.time(), error=JobError(
-                "not_launched", f"{why}; the torchrun command was recorded, not run."))
-            return _final(self.store, failed, failed.error.message if failed.error else "", self.settings.worker_id)
-        self.store.write(job, self.store.event(job, EventKind.LOG, f"Launching: {text}"), owner=self.settings.worker_id)
+            why = (
+                "Dry run"
+                if self.settings.dry_run
+                else f"This worker has {visible} GPUs but the job asks for {job.spec.num_gpus}"
+            )
+            self.store.write(
+                job,
+                self.store.event(job, EventKind.LOG, f"{why}: launch command recorded, not run: {text}"),
+                owner=self.settings.worker_id,
+            )
+            failed = job.evolve(
+                status=JobStatus.FAILED,
+                finished_at=time.time(),
+                error=JobError("not_launched", f"{why}; the torchrun command was recorded, not run."),
+            )
+            return _final(
+                self.store, failed, failed.error.message if failed.error else "", self.settings.worker_id
+            )
+        self.store.write(
+            job, self.store.event(job, EventKind.LOG, f"Launching: {text}"), owner=self.settings.worker_id
+        )
         env = {**os.environ, "REDIS_URL": self.redis_url}
         proc = subprocess.Popen(cmd, env=env)
         while proc.poll() is None:
@@ -375,14 +491,23 @@ class TrainingWorker:
         after = self.store.get(job.id)
         if after.status.terminal:
             return "done"
-        return _failed(self.store, after, self.settings, JobError(
-            "internal", f"torchrun exited with code {proc.returncode} without finishing the job."), retry=True)
+        return _failed(
+            self.store,
+            after,
+            self.settings,
+            JobError("internal", f"torchrun exited with code {proc.returncode} without finishing the job."),
+            retry=True,
+        )
 
 
 def _final_any(store: JobStore, job: Job, message: str, owner: str) -> str:
     try:
-        store.write(job, store.event(job, EventKind.STATUS, message), owner=owner,
-                    allowed=(JobStatus.QUEUED, JobStatus.RUNNING))
+        store.write(
+            job,
+            store.event(job, EventKind.STATUS, message),
+            owner=owner,
+            allowed=(JobStatus.QUEUED, JobStatus.RUNNING),
+        )
     except WriteRefused as exc:
         return "done" if exc.reason == "status" else "abandon"
     return "done"
@@ -397,16 +522,32 @@ def _visible_gpus() -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = JobDefaults()
     p.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
-    p.add_argument("--jobs-dir", type=Path, required=True,
-                   help="shared directory for checkpoints and results (every worker must see the same one)")
-    p.add_argument("--worker-id", default=None, help="consumer name (default: random); reuse it after a restart")
+    p.add_argument(
+        "--jobs-dir",
+        type=Path,
+        required=True,
+        help="shared directory for checkpoints and results (every worker must see the same one)",
+    )
+    p.add_argument(
+        "--worker-id", default=None, help="consumer name (default: random); reuse it after a restart"
+    )
     p.add_argument("--device", default="auto", help="training device (default: cuda if available)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs this worker may use (default: all visible)")
-    p.add_argument("--dry-run", action="store_true", help="record multi-GPU torchrun commands instead of running")
-    p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
-                   help="steps between checkpoints when a job does not choose (default: %(default)s)")
-    p.add_argument("--metrics-every", type=int, default=DEFAULT_METRICS_EVERY,
-                   help="steps averaged into one METRICS event (default: %(default)s)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="record multi-GPU torchrun commands instead of running"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=DEFAULT_CHECKPOINT_EVERY,
+        help="steps between checkpoints when a job does not choose (default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-every",
+        type=int,
+        default=DEFAULT_METRICS_EVERY,
+        help="steps averaged into one METRICS event (default: %(default)s)",
+    )
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
     p.add_argument("--lease-ttl-ms", type=int, default=d.lease_ttl_ms)
     p.add_argument("--heartbeat-ms", type=int, default=d.heartbeat_ms)
@@ -414,11 +555,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
-    defaults = JobDefaults(max_attempts=args.max_attempts, lease_ttl_ms=args.lease_ttl_ms,
-                           heartbeat_ms=args.heartbeat_ms, claim_min_idle_ms=args.claim_idle_ms)
+    defaults = JobDefaults(
+        max_attempts=args.max_attempts,
+        lease_ttl_ms=args.lease_ttl_ms,
+        heartbeat_ms=args.heartbeat_ms,
+        claim_min_idle_ms=args.claim_idle_ms,
+    )
     kw: dict[str, Any] = {}
     if args.worker_id:
         kw["worker_id"] = args.worker_id
-    return WorkerSettings(jobs_dir=args.jobs_dir, device=args.device, dry_run=args.dry_run, gpus=args.gpus,
-                          checkpoint_every=args.checkpoint_every, metrics_every=args.metrics_every,
-                          defaults=defaults, **kw)
+    return WorkerSettings(
+        jobs_dir=args.jobs_dir,
+        device=args.device,
+        dry_run=args.dry_run,
+        gpus=args.gpus,
+        checkpoint_every=args.checkpoint_every,
+        metrics_every=args.metrics_every,
+        defaults=defaults,
+        **kw,
+    )

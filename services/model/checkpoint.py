@@ -28,8 +28,14 @@ IGNORED_PREFIXES = ("audio_encoder.front_end.",)
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 FP32_PREFIXES = ("audio_encoder.init_bn.",)  # stays fp32 whatever the model dtype
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -109,7 +115,11 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]
     )
     problems = [
         _summarise(kind, items)
-        for kind, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
+        for kind, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("mis-shaped keys", misshaped),
+        )
         if items
     ]
     if problems:

@@ -152,7 +152,9 @@ class MiDashengLMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MiDashengLMConfig:
         if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
-            raise ConfigError(f"config.json has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}.")
+            raise ConfigError(
+                f"config.json has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}."
+            )
         enc_raw = dict(data.get("audio_encoder_config") or {})
         known = {f.name for f in dataclasses.fields(EncoderConfig)}
         enc_kwargs: dict[str, Any] = {k: v for k, v in enc_raw.items() if k in known}
@@ -260,7 +262,9 @@ def tiny_config(
         "attention_dropout": 0.0,
     }
     return MiDashengLMConfig(
-        audio_encoder_config=EncoderConfig(embed_dim=encoder_dim, depth=encoder_depth, num_heads=encoder_heads),
+        audio_encoder_config=EncoderConfig(
+            embed_dim=encoder_dim, depth=encoder_depth, num_heads=encoder_heads
+        ),
         subsample_factor=5,
         text_config=text_config,
         audio_token_id=audio_token_id,

@@ -117,7 +117,9 @@ class DashengEncoder(nn.Module):
         """(B, n_mels, T) log-mel and valid frames (B,) -> ((B, P, D) features, (B, P) valid mask)."""
         return self.encode_patches(mel, valid_patches(frames, self.cfg))
 
-    def encode_patches(self, mel: torch.Tensor, patch_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_patches(
+        self, mel: torch.Tensor, patch_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`forward` with the number of valid patches per item given directly.
 
         Windows of every item are stacked into one batch; each attends only within itself.

@@ -28,7 +28,9 @@ def mel_to_hz_htk(mel: torch.Tensor) -> torch.Tensor:
 def mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> torch.Tensor:
     """Triangular HTK-scale filters, shape (n_freqs, n_mels), fp32, peak 1, no normalisation."""
     all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
-    m_pts = torch.linspace(float(hz_to_mel_htk(f_min)), float(hz_to_mel_htk(f_max)), n_mels + 2, dtype=torch.float64)
+    m_pts = torch.linspace(
+        float(hz_to_mel_htk(f_min)), float(hz_to_mel_htk(f_max)), n_mels + 2, dtype=torch.float64
+    )
     f_pts = mel_to_hz_htk(m_pts)
     f_diff = f_pts[1:] - f_pts[:-1]  # (n_mels + 1,)
     slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)  # (n_freqs, n_mels + 2)
@@ -86,7 +88,9 @@ class LogMelFrontend(nn.Module):
             db = 10.0 * torch.log10(torch.clamp(self.power_mel(wav.float()), min=AMIN))
         return torch.maximum(db, db.amax() - TOP_DB)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, wav: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (log-mel (B, n_mels, T_max), frames (B,)).
 
         Each item is transformed on its own valid samples, so a padded batch gives every item
@@ -106,4 +110,3 @@ class LogMelFrontend(nn.Module):
             out[i, :, : mel.shape[1]] = mel
             out[i, :, mel.shape[1] :] = mel.amin()
         return out, torch.tensor(frames, dtype=torch.long, device=wav.device)
-

@@ -34,7 +34,9 @@ class GenerationOptions:
             raise InvalidArgument(f"top_p must be within (0, 1], got {self.top_p}.")
 
 
-def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None
+) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids."""
     if options.temperature == 0:
         return logits.argmax(dim=-1)
@@ -61,7 +63,14 @@ def generate(
     with torch.inference_mode():
         audio_embeds, _ = model.encode_audio(inputs.audio, inputs.audio_lengths)
     return generate_from_audio_embeds(
-        model, inputs.input_ids, inputs.attention_mask, audio_embeds, inputs.audio_token_counts, stop_ids, options, pad_id
+        model,
+        inputs.input_ids,
+        inputs.attention_mask,
+        audio_embeds,
+        inputs.audio_token_counts,
+        stop_ids,
+        options,
+        pad_id,
     )
 
 
@@ -127,7 +136,11 @@ def generate_from_audio_embeds(
             embeds = torch.cat([embeds, embed_tokens(nxt[:, None])], dim=1)
             positions = torch.cat([positions, last_pos[:, None]], dim=1)
             out = decoder(
-                inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=1
+                inputs_embeds=embeds,
+                attention_mask=attention,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=1,
             )
 
     result: list[list[int]] = []

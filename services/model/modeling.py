@@ -83,7 +83,10 @@ class MiDashengLM(nn.Module):
         """Text embeddings with the i-th audio's first N tokens written at its ``<|AUDIO|>`` positions."""
         embeds = self.decoder.get_input_embeddings()(input_ids)  # (B, S, H)
         is_audio = input_ids == self.config.audio_token_id
-        take = torch.arange(audio_embeds.shape[1], device=input_ids.device)[None, :] < audio_token_counts[:, None]
+        take = (
+            torch.arange(audio_embeds.shape[1], device=input_ids.device)[None, :]
+            < audio_token_counts[:, None]
+        )
         n_slots, n_tokens = int(is_audio.sum()), int(take.sum())
         if n_slots != n_tokens:
             raise InvalidArgument(
@@ -106,5 +109,9 @@ class MiDashengLM(nn.Module):
         embeds = self.embed_inputs(input_ids, audio_embeds, audio_token_counts)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.decoder(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, labels=labels, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            labels=labels,
+            use_cache=False,
         )

@@ -51,7 +51,9 @@ class ModelInputs:
 
 def prepare_audio(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
     """1-D float waveform at 16 kHz -> fp32 tensor, zero-padded to at least 0.2 s."""
-    wav = torch.as_tensor(np.asarray(audio, dtype=np.float32) if not torch.is_tensor(audio) else audio).float()
+    wav = torch.as_tensor(
+        np.asarray(audio, dtype=np.float32) if not torch.is_tensor(audio) else audio
+    ).float()
     if wav.dim() != 1:
         raise InvalidArgument(f"Audio must be mono 1-D samples, got shape {tuple(wav.shape)}.")
     if wav.numel() == 0:
@@ -136,7 +138,9 @@ class MiDashengProcessor:
             )
         for t in texts:
             if not t.count(AUDIO_BOS) == t.count(AUDIO_EOS) == t.count(AUDIO_TOKEN) == t.count(AUDIO_SPAN):
-                raise InvalidArgument(f"Unbalanced audio span in prompt: every {AUDIO_TOKEN} needs {AUDIO_BOS}…{AUDIO_EOS}.")
+                raise InvalidArgument(
+                    f"Unbalanced audio span in prompt: every {AUDIO_TOKEN} needs {AUDIO_BOS}…{AUDIO_EOS}."
+                )
         if answers is not None and len(answers) != len(texts):
             raise InvalidArgument(f"{len(answers)} answers for {len(texts)} prompts.")
 

@@ -51,7 +51,9 @@ def _probe_audio(path: str) -> tuple[str | None, float]:
     return None, info.frames / info.samplerate
 
 
-def read_dataset(csv_path: str | Path, on_error: str = "skip", check_audio: bool = True) -> tuple[list[Row], list[tuple[int, str]]]:
+def read_dataset(
+    csv_path: str | Path, on_error: str = "skip", check_audio: bool = True
+) -> tuple[list[Row], list[tuple[int, str]]]:
     """Parse and validate a dataset CSV.
 
     Returns (good rows, problems). With ``on_error="fail"`` any problem raises :class:`DatasetError`
@@ -123,7 +125,9 @@ def merge_datasets(out_csv: str | Path, *csv_paths: str | Path) -> Path:
     return out
 
 
-def split_rows(rows: Sequence[Row], eval_fraction: float, seed: int, max_eval: int = 200) -> tuple[list[Row], list[Row]]:
+def split_rows(
+    rows: Sequence[Row], eval_fraction: float, seed: int, max_eval: int = 200
+) -> tuple[list[Row], list[Row]]:
     """Deterministic held-out split (at most ``max_eval`` rows, at least one training row)."""
     if not 0 <= eval_fraction < 1:
         raise ValueError("eval_fraction must be within [0, 1).")
@@ -169,8 +173,9 @@ class EpochSampler:
             batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
         return [batches[int(i)] for i in rng.permutation(len(batches))]
 
-    def batches(self, batch_size: int, start_epoch: int = 0, start_batch: int = 0, rank: int = 0,
-                world: int = 1) -> Iterator[tuple[int, int, list[int]]]:
+    def batches(
+        self, batch_size: int, start_epoch: int = 0, start_batch: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[int, int, list[int]]]:
         """Yields (epoch, batch index in epoch, row indices) forever, from the given position.
 
         With ``world`` data-parallel ranks, rank r takes the global batches b with b % world == r
@@ -186,8 +191,9 @@ class EpochSampler:
             epoch, b = epoch + 1, 0
 
 
-def prefetch(rows: Sequence[Row], processor: MiDashengProcessor,
-             batches: Iterator[tuple[int, int, list[int]]]) -> Iterator[tuple[int, int, ModelInputs]]:
+def prefetch(
+    rows: Sequence[Row], processor: MiDashengProcessor, batches: Iterator[tuple[int, int, list[int]]]
+) -> Iterator[tuple[int, int, ModelInputs]]:
     """Collate batches in a background thread so disk reads overlap compute (bounded: 2 ahead)."""
     import queue
     import threading
@@ -223,4 +229,3 @@ def prefetch(rows: Sequence[Row], processor: MiDashengProcessor,
             yield item
     finally:
         stop.set()
-

@@ -35,11 +35,22 @@ def type_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[s
     recall = matched / n_ref if n_ref else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     per_type = {t: round(hit[t] / n, 4) for t, n in sorted(ref_total.items())}
-    return {"type_precision": precision, "type_recall": recall, "type_f1": f1, "type_recall_by_type": per_type}
+    return {
+        "type_precision": precision,
+        "type_recall": recall,
+        "type_f1": f1,
+        "type_recall_by_type": per_type,
+    }
 
 
-def caption_rows(model: MiDashengLM, processor: MiDashengProcessor, rows: Sequence[Any], batch_size: int = 16,
-                 progress: bool = False, max_new_tokens: int = 48) -> list[str]:
+def caption_rows(
+    model: MiDashengLM,
+    processor: MiDashengProcessor,
+    rows: Sequence[Any],
+    batch_size: int = 16,
+    progress: bool = False,
+    max_new_tokens: int = 48,
+) -> list[str]:
     preds: list[str] = []
     opts = GenerationOptions(max_new_tokens=max_new_tokens)
     for i in tqdm(range(0, len(rows), batch_size), desc="evaluating", unit="batch", disable=not progress):
@@ -71,11 +82,25 @@ def evaluate_dataset(
     processor = MiDashengProcessor(load_tokenizer(path), model.config)
     preds = caption_rows(model, processor, rows, batch_size, progress)
     refs = [r.prediction for r in rows]
-    scores: dict[str, Any] = {**corpus_scores(preds, refs), **type_scores(preds, refs), "skipped_rows": len(problems)}
+    scores: dict[str, Any] = {
+        **corpus_scores(preds, refs),
+        **type_scores(preds, refs),
+        "skipped_rows": len(problems),
+    }
     if results_path is not None:
         with Path(results_path).open("w") as f:
             for r, p in zip(rows, preds, strict=True):
-                f.write(json.dumps({"row": r.row, "audio": r.audio, "reference": r.prediction, "prediction": p,
-                                    "exact": exact_match(p, r.prediction), "word_f1": round(word_f1(p, r.prediction), 4)})
-                        + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "row": r.row,
+                            "audio": r.audio,
+                            "reference": r.prediction,
+                            "prediction": p,
+                            "exact": exact_match(p, r.prediction),
+                            "word_f1": round(word_f1(p, r.prediction), 4),
+                        }
+                    )
+                    + "\n"
+                )
     return scores

@@ -56,10 +56,26 @@ ENCODER_SIDE_TARGETS = ("attn.qkv", "attn.proj", "audio_projector.net.0", "audio
 METHODS = ("full", "lora")
 # Architectures for models trained from scratch (``--config``): same layout as the real model.
 ARCHITECTURES: dict[str, dict[str, int]] = {
-    "tiny": dict(encoder_dim=32, encoder_depth=1, encoder_heads=2, hidden_size=32, layers=1, heads=2, kv_heads=1,
-                 intermediate_size=64),
-    "demo": dict(encoder_dim=128, encoder_depth=3, encoder_heads=4, hidden_size=160, layers=2, heads=4, kv_heads=2,
-                 intermediate_size=384),
+    "tiny": dict(
+        encoder_dim=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate_size=64,
+    ),
+    "demo": dict(
+        encoder_dim=128,
+        encoder_depth=3,
+        encoder_heads=4,
+        hidden_size=160,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate_size=384,
+    ),
 }
 STATE_FILE = "trainer_state.pt"
 log = logging.getLogger(__name__)
@@ -103,7 +119,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         if (self.model is None) == (self.architecture is None):
-            raise ConfigError("Give exactly one of --model (fine-tune a checkpoint) or --config (train from scratch).")
+            raise ConfigError(
+                "Give exactly one of --model (fine-tune a checkpoint) or --config (train from scratch)."
+            )
         if self.architecture is not None and self.architecture not in ARCHITECTURES:
             raise ConfigError(f"Unknown --config {self.architecture!r}; choose from {sorted(ARCHITECTURES)}.")
         if self.method not in METHODS:
@@ -192,7 +210,9 @@ class Trainer:
         if cfg.architecture is not None:
             from services.training.tokenizer import train_caption_tokenizer
 
-            prompts = sorted({r.user_prompt for r in self.train_rows} | {r.system_prompt for r in self.train_rows} - {""})
+            prompts = sorted(
+                {r.user_prompt for r in self.train_rows} | {r.system_prompt for r in self.train_rows} - {""}
+            )
             tokenizer = train_caption_tokenizer(
                 [r.prediction for r in self.train_rows], prompts, vocab_size=cfg.vocab_size
             )
@@ -278,7 +298,9 @@ class Trainer:
         return path
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(p for p in (self.out / "checkpoints").glob("step-???????") if (p / STATE_FILE).exists())
+        found = sorted(
+            p for p in (self.out / "checkpoints").glob("step-???????") if (p / STATE_FILE).exists()
+        )
         return found[-1] if found else None
 
     def restore(self, path: Path) -> None:
@@ -323,7 +345,9 @@ class Trainer:
         opts = GenerationOptions(max_new_tokens=48)
         for i in range(0, len(rows), batch_size):
             batch = collate(self.processor, rows[i : i + batch_size], with_answers=False)
-            ids = generate(self.base_model, batch, self.processor.stop_ids(), opts, pad_id=self.processor.pad_id)
+            ids = generate(
+                self.base_model, batch, self.processor.stop_ids(), opts, pad_id=self.processor.pad_id
+            )
             preds.extend(self.processor.decode(r) for r in ids)
         self._train_mode(self.model)
         return corpus_scores(preds, [r.prediction for r in rows])
@@ -338,14 +362,28 @@ class Trainer:
             if step >= 0:
                 self.restore(self._ckpt_dir(step))
         sampler = EpochSampler([r.seconds for r in self.train_rows], cfg.seed)
-        batches = sampler.batches(cfg.batch_size, self.epoch, self.batch_in_epoch, self.dist.rank, self.dist.world)
+        batches = sampler.batches(
+            cfg.batch_size, self.epoch, self.batch_in_epoch, self.dist.rank, self.dist.world
+        )
         stream = prefetch(self.train_rows, self.processor, batches)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-        self._log({"event": "start", "step": self.step, "total_steps": self.total_steps,
-                   "train_rows": len(self.train_rows), "eval_rows": len(self.eval_rows),
-                   "trainable_parameters": sum(p.numel() for p in self.trainable)})
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
-                   disable=not (cfg.progress and self.dist.main))
+        self._log(
+            {
+                "event": "start",
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "train_rows": len(self.train_rows),
+                "eval_rows": len(self.eval_rows),
+                "trainable_parameters": sum(p.numel() for p in self.trainable),
+            }
+        )
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not (cfg.progress and self.dist.main),
+        )
         started, start_step = time.monotonic(), self.step
         stopped = False
         last: dict[str, Any] = {}
@@ -381,8 +419,15 @@ class Trainer:
                 eta = (time.monotonic() - started) / done * (self.total_steps - self.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-                last = {"event": "step", "step": self.step, "epoch": self.epoch, "loss": round(loss, 5),
-                        "lr": lr, "grad_norm": round(grad_norm, 4), "eta_seconds": round(eta, 1)}
+                last = {
+                    "event": "step",
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "loss": round(loss, 5),
+                    "lr": lr,
+                    "grad_norm": round(grad_norm, 4),
+                    "eta_seconds": round(eta, 1),
+                }
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self._log(last)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
@@ -446,9 +491,12 @@ def load_with_adapter(base: str | Path | None, adapter_dir: str | Path, device: 
     targets = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_modules") or []
     encoder_side = sorted(set(targets) & set(ENCODER_SIDE_TARGETS))
     if encoder_side:
-        log.warning("adapter %s also adapts %s: live streams apply only its decoder part (the encoder service "
-                    "runs the base encoder); offline captioning and merged checkpoints use all of it",
-                    adapter_dir, encoder_side)
+        log.warning(
+            "adapter %s also adapts %s: live streams apply only its decoder part (the encoder service "
+            "runs the base encoder); offline captioning and merged checkpoints use all of it",
+            adapter_dir,
+            encoder_side,
+        )
 
     model = load_model(resolve_model_dir(str(base) if base is not None else None), device=device)
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()  # type: ignore[no-any-return]

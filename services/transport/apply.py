@@ -28,7 +28,9 @@ class ApplyStatus(StrEnum):
     """Another owner holds the lease: nothing written, entry left pending for the new owner."""
 
 
-_APPLY_LUA = CAPPED_XADD_LUA + """
+_APPLY_LUA = (
+    CAPPED_XADD_LUA
+    + """
 -- KEYS: lease, state, ack stream, counters, output streams...
 -- ARGV: owner, seq, group, entry id, ttl_s, n update args, update pairs...,
 --       then per output: maxlen, n field args, field pairs...
@@ -58,6 +60,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
 return result
 """
+)
 
 
 def apply_once(

@@ -88,7 +88,11 @@ class Heartbeat:
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
         _check_ttl(ttl_ms)
-        if isinstance(heartbeat_ms, bool) or not isinstance(heartbeat_ms, int) or not 0 < heartbeat_ms < ttl_ms:
+        if (
+            isinstance(heartbeat_ms, bool)
+            or not isinstance(heartbeat_ms, int)
+            or not 0 < heartbeat_ms < ttl_ms
+        ):
             raise InvalidArgument(
                 f"heartbeat_ms must be positive and shorter than ttl_ms ({ttl_ms}), got {heartbeat_ms!r}."
             )

@@ -56,7 +56,9 @@ class PrivateRedis:
         self.stop()
 
 
-def start_private_redis(port: int | None = None, workdir: Path | None = None, binary: str = "redis-server") -> PrivateRedis:
+def start_private_redis(
+    port: int | None = None, workdir: Path | None = None, binary: str = "redis-server"
+) -> PrivateRedis:
     """Start ``redis-server`` without persistence on 127.0.0.1 and wait until it answers PING."""
     exe = shutil.which(binary)
     if exe is None:
@@ -67,8 +69,21 @@ def start_private_redis(port: int | None = None, workdir: Path | None = None, bi
     owned = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="midasheng-redis-")) if workdir is None else workdir
     port = port or free_port()
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", str(wd), "--protected-mode", "yes"]
+    cmd = [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(wd),
+        "--protected-mode",
+        "yes",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     server = PrivateRedis(port=port, process=proc, workdir=wd, _owned_dir=owned)
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
@@ -85,7 +100,9 @@ def start_private_redis(port: int | None = None, workdir: Path | None = None, bi
                 pass
             if time.monotonic() > deadline:
                 server.stop()
-                raise MidashengError(f"redis-server did not answer on port {port} within {START_TIMEOUT_S:.0f} s")
+                raise MidashengError(
+                    f"redis-server did not answer on port {port} within {START_TIMEOUT_S:.0f} s"
+                )
             time.sleep(0.02)
     finally:
         client.close()

@@ -39,13 +39,18 @@ end
 """
 """Lua function ``capped_xadd(stream, maxlen, counters, counter, fields)``, shared with apply.py."""
 
-_ADD_LUA = CAPPED_XADD_LUA + """
+_ADD_LUA = (
+    CAPPED_XADD_LUA
+    + """
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 return capped_xadd(KEYS[1], ARGV[1], KEYS[2], ARGV[2], fields)
 """
+)
 
-_DEAD_LETTER_LUA = CAPPED_XADD_LUA + """
+_DEAD_LETTER_LUA = (
+    CAPPED_XADD_LUA
+    + """
 -- KEYS: dead-letter stream, counters, original stream; ARGV: maxlen, group, id, record pairs...
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -54,6 +59,7 @@ redis.call('HINCRBY', KEYS[2], 'deadletters', 1)
 redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
 return id
 """
+)
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,9 @@ def flatten_fields(fields: Mapping[str, FieldValue]) -> list[FieldValue]:
     out: list[FieldValue] = []
     for name, value in fields.items():
         if not isinstance(value, bytes | str | int | float) or isinstance(value, bool):
-            raise InvalidArgument(f"Field {name!r} must be bytes, str, int or float, got {type(value).__name__}.")
+            raise InvalidArgument(
+                f"Field {name!r} must be bytes, str, int or float, got {type(value).__name__}."
+            )
         out += [name, value]
     return out
 
@@ -116,7 +124,9 @@ def parse_autoclaim(stream: str, reply: Sequence[Any]) -> tuple[str, list[Entry]
     nil or ``[id, nil]`` and stays pending, so those ids are reported as deleted when known.
     """
     if len(reply) not in (2, 3):
-        raise ValueError(f"XAUTOCLAIM replied with {len(reply)} elements; expected 2 (Redis 6.2) or 3 (Redis 7).")
+        raise ValueError(
+            f"XAUTOCLAIM replied with {len(reply)} elements; expected 2 (Redis 6.2) or 3 (Redis 7)."
+        )
     entries: list[Entry] = []
     deleted = [as_text(i) for i in reply[2]] if len(reply) == 3 and reply[2] else []
     for item in reply[1] or []:
@@ -160,7 +170,9 @@ class StreamClient:
     def _call(self, *args: Any) -> Any:
         return self._raw.execute_command(*args, **{NEVER_DECODE: True})
 
-    def add(self, stream: str, fields: Mapping[str, FieldValue], maxlen: int, counter: str | None = None) -> str:
+    def add(
+        self, stream: str, fields: Mapping[str, FieldValue], maxlen: int, counter: str | None = None
+    ) -> str:
         """Append an entry, trimming the stream to exactly ``maxlen`` entries; return its id.
 
         Trimmed entries are counted atomically in ``COUNTERS`` under ``dropped:<counter or stream>``.
@@ -172,7 +184,11 @@ class StreamClient:
     def end_with_error(self, sid: str, message: str, code: str, reason: str, maxlen: int) -> None:
         """End a session's caption stream for its clients: a fatal error event, then the end."""
         captions = keys.session_captions(sid)
-        self.add(captions, {"type": "error", "fatal": "1", "code": code, "reason": reason, "message": message}, maxlen)
+        self.add(
+            captions,
+            {"type": "error", "fatal": "1", "code": code, "reason": reason, "message": message},
+            maxlen,
+        )
         self.add(captions, {"type": "end", "reason": "error"}, maxlen)
 
     def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
@@ -197,7 +213,9 @@ class StreamClient:
         client's socket timeout must exceed ``block_ms``.
         """
         if block_ms is not None and (isinstance(block_ms, bool) or block_ms <= 0):
-            raise InvalidArgument(f"block_ms must be a positive number of milliseconds or None, got {block_ms!r}.")
+            raise InvalidArgument(
+                f"block_ms must be a positive number of milliseconds or None, got {block_ms!r}."
+            )
         if not streams:
             raise InvalidArgument("read_group needs at least one stream.")
         args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
@@ -244,7 +262,11 @@ class StreamClient:
         fields under ``f:<name>``. Returns the dead-letter entry id.
         """
         record: dict[str, FieldValue] = {
-            "stream": stream, "id": entry.id, "group": group, "reason": reason, "deliveries": deliveries,
+            "stream": stream,
+            "id": entry.id,
+            "group": group,
+            "reason": reason,
+            "deliveries": deliveries,
         }
         record.update({f"f:{name}": value for name, value in entry.fields.items()})
         args = [self.defaults.deadletter_maxlen, group, entry.id, *flatten_fields(record)]
@@ -300,7 +322,12 @@ class Consumer:
                 return self._screen(own)
             self._own_cursor = None
         self._claim_cursor, claimed, deleted = self.streams.autoclaim(
-            self.stream, self.group, self.consumer, self.defaults.claim_min_idle_ms, self._claim_cursor, self.count
+            self.stream,
+            self.group,
+            self.consumer,
+            self.defaults.claim_min_idle_ms,
+            self._claim_cursor,
+            self.count,
         )
         if deleted:
             # Redis 7 already dropped these from the PEL; acking also covers Redis 6.2.

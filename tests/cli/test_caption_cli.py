@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = train_caption_tokenizer(["A steady low tone.", "Pink noise, then silence."], ["Caption the audio."], 300)
+    tok = train_caption_tokenizer(
+        ["A steady low tone.", "Pink noise, then silence."], ["Caption the audio."], 300
+    )
     cfg = tiny_config(vocab_size=len(tok), audio_token_id=tok.convert_tokens_to_ids("<|AUDIO|>"))
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")
@@ -52,7 +54,11 @@ def encode_stereo(path: Path, codec: str, seconds: float = 3.0, rate: int = 4410
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services", "caption", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "services", "caption", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -63,8 +69,19 @@ def test_caption_files_with_one_unreadable(tiny_ckpt: Path, tmp_path: Path) -> N
     sf.write(wav, np.zeros(8000, dtype=np.float32), 16000, subtype="PCM_16")
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"this is not audio at all" * 10)
-    res = run_cli(str(mp3), str(bad), str(ogg), str(wav), "--model", str(tiny_ckpt), "--json",
-                  "--max-new-tokens", "5", "--device", "cpu")
+    res = run_cli(
+        str(mp3),
+        str(bad),
+        str(ogg),
+        str(wav),
+        "--model",
+        str(tiny_ckpt),
+        "--json",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+    )
     assert res.returncode != 0
     assert "broken.wav" in res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
@@ -87,7 +104,9 @@ def test_caption_single_file_plain_text(tiny_ckpt: Path, tmp_path: Path) -> None
 def test_long_file_segments(tiny_ckpt: Path, tmp_path: Path, fmt: str, parse) -> None:  # type: ignore[no-untyped-def]
     wav = tmp_path / "long.wav"
     sf.write(wav, (0.05 * np.random.default_rng(1).standard_normal(95 * 16000)).astype(np.float32), 16000)
-    res = run_cli(str(wav), "--model", str(tiny_ckpt), "--format", fmt, "--max-new-tokens", "3", "--device", "cpu")
+    res = run_cli(
+        str(wav), "--model", str(tiny_ckpt), "--format", fmt, "--max-new-tokens", "3", "--device", "cpu"
+    )
     assert res.returncode == 0, res.stderr
     cues = parse(res.stdout)
     assert len(cues) == 10  # default 10 s segments for files over 30 s: 9 x 10 s + 5 s
@@ -105,8 +124,21 @@ def test_srt_for_many_files_needs_output_dir(tiny_ckpt: Path, tmp_path: Path) ->
     assert res.returncode == 2
     assert "--output-dir" in res.stderr
     out_dir = tmp_path / "subs"
-    res = run_cli(str(wav), "--model", str(tiny_ckpt), "--format", "srt", "--segment", "0.5",
-                  "--output-dir", str(out_dir), "--max-new-tokens", "2", "--device", "cpu")
+    res = run_cli(
+        str(wav),
+        "--model",
+        str(tiny_ckpt),
+        "--format",
+        "srt",
+        "--segment",
+        "0.5",
+        "--output-dir",
+        str(out_dir),
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     assert len(parse_srt((out_dir / "a.srt").read_text())) == 2
 

@@ -47,7 +47,11 @@ def write_profile(profile: Path, prefs: dict[str, Any]) -> None:
     profile.mkdir(parents=True, exist_ok=True)
     lines = []
     for k, v in {**BASE_PREFS, **prefs}.items():
-        val = ("true" if v else "false") if isinstance(v, bool) else (repr(v) if isinstance(v, int) else f'"{v}"')
+        val = (
+            ("true" if v else "false")
+            if isinstance(v, bool)
+            else (repr(v) if isinstance(v, int) else f'"{v}"')
+        )
         lines.append(f'user_pref("{k}", {val});')
     (profile / "user.js").write_text("\n".join(lines) + "\n")
 
@@ -57,9 +61,21 @@ class Firefox:
 
     def __init__(self, binary: str, profile: Path, start_timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
-            [binary, "-headless", "-no-remote", "-profile", str(profile), "--remote-debugging-port", "0",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+            [
+                binary,
+                "-headless",
+                "-no-remote",
+                "-profile",
+                str(profile),
+                "--remote-debugging-port",
+                "0",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
         self.log: list[str] = []
         found: queue.Queue[str] = queue.Queue(maxsize=1)
         self._drainer = threading.Thread(target=self._drain, args=(found,), daemon=True)
@@ -68,8 +84,10 @@ class Firefox:
             self.url = found.get(timeout=start_timeout) + "/session"
         except queue.Empty:
             self.close()
-            raise BidiError(f"Firefox did not open its BiDi port within {start_timeout:.0f} s:\n"
-                            + "\n".join(self.log[-20:])) from None
+            raise BidiError(
+                f"Firefox did not open its BiDi port within {start_timeout:.0f} s:\n"
+                + "\n".join(self.log[-20:])
+            ) from None
 
     def _drain(self, found: queue.Queue[str]) -> None:
         assert self.proc.stderr is not None
@@ -122,9 +140,15 @@ class Session:
                 return data["result"]
 
     async def eval(self, context: str, expression: str, user_activation: bool = False) -> Any:
-        r = await self.cmd("script.evaluate", {
-            "expression": expression, "target": {"context": context}, "awaitPromise": True,
-            "userActivation": user_activation})
+        r = await self.cmd(
+            "script.evaluate",
+            {
+                "expression": expression,
+                "target": {"context": context},
+                "awaitPromise": True,
+                "userActivation": user_activation,
+            },
+        )
         if r["type"] == "exception":
             raise BidiError(f"{expression!r} threw: {r['exceptionDetails'].get('text')}")
         return r["result"].get("value")
@@ -151,5 +175,8 @@ class Session:
         path.write_bytes(base64.b64decode(r["data"]))
 
     def console(self, level: str | None = None) -> list[str]:
-        return [f"{e['params'].get('level')}: {e['params'].get('text')}" for e in self.events
-                if e.get("method") == "log.entryAdded" and (level is None or e["params"].get("level") == level)]
+        return [
+            f"{e['params'].get('level')}: {e['params'].get('text')}"
+            for e in self.events
+            if e.get("method") == "log.entryAdded" and (level is None or e["params"].get("level") == level)
+        ]

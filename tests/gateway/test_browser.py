@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow
 def write_wav(path: Path) -> None:
     rng = np.random.default_rng(7)
     n = int(PART_SECONDS * RATE)
-    audio = np.concatenate([render_sound("high_tone", rng, n, sr=RATE), render_sound("white_noise", rng, n, sr=RATE)])
+    audio = np.concatenate(
+        [render_sound("high_tone", rng, n, sr=RATE), render_sound("white_noise", rng, n, sr=RATE)]
+    )
     sf.write(path, audio, RATE, subtype="PCM_16")
 
 
@@ -41,23 +43,37 @@ def wait_caption(page: Any, pred: Callable[[list[str]], bool], timeout: float, w
         if pred(types_in_caption(text)):
             return text
         time.sleep(0.2)
-    raise AssertionError(f"the live caption did not name {what} within {timeout:.0f} s; it showed {seen[-10:]}")
+    raise AssertionError(
+        f"the live caption did not name {what} within {timeout:.0f} s; it showed {seen[-10:]}"
+    )
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
-def test_microphone_to_live_captions_in_chromium(redis_url: str, models: tuple[Any, Any],  # noqa: F811
-                                                 tmp_path: Path) -> None:
+def test_microphone_to_live_captions_in_chromium(
+    redis_url: str,
+    models: tuple[Any, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     wav = tmp_path / "tone_then_noise.wav"
     write_wav(wav)
     ARTIFACTS.mkdir(exist_ok=True)
     profile = tmp_path / "profile"
-    args = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+    ]
     with running_stack(redis_url, models) as stack, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
-                                                        args=args)
+        browser = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=args
+        )
         try:
             page = browser.new_page()
             console: list[str] = []
@@ -68,8 +84,9 @@ def test_microphone_to_live_captions_in_chromium(redis_url: str, models: tuple[A
             start = page.get_by_test_id("start-mic")
             start.focus()
             page.keyboard.press("Enter")  # keyboard-usable: a real button
-            page.wait_for_function("document.querySelector('[data-testid=state]').textContent === 'live'",
-                                   timeout=20_000)
+            page.wait_for_function(
+                "document.querySelector('[data-testid=state]').textContent === 'live'", timeout=20_000
+            )
             sid = page.get_by_test_id("session-id").inner_text()
             assert sid
 
@@ -77,9 +94,15 @@ def test_microphone_to_live_captions_in_chromium(redis_url: str, models: tuple[A
             page.wait_for_function("document.getElementById('level').dataset.engine", timeout=10_000)
             engine = page.evaluate("document.getElementById('level').dataset.engine")
             level = page.evaluate("document.getElementById('level').value")
-            assert engine == "running" and level > -60, f"level meter: engine {engine}, {level} dB during the tone"
-            noise = wait_caption(page, lambda t: "white_noise" in t and "high_tone" not in t, 30,
-                                 "the white noise (after the tone)")
+            assert engine == "running" and level > -60, (
+                f"level meter: engine {engine}, {level} dB during the tone"
+            )
+            noise = wait_caption(
+                page,
+                lambda t: "white_noise" in t and "high_tone" not in t,
+                30,
+                "the white noise (after the tone)",
+            )
             assert page.get_by_test_id("live-revision").is_visible()
 
             monitor = browser.new_page()
@@ -88,16 +111,22 @@ def test_microphone_to_live_captions_in_chromium(redis_url: str, models: tuple[A
             card.wait_for(timeout=10_000)
             monitor.wait_for_function(
                 "sid => { const c = document.querySelector(`[data-session='${sid}'] [data-testid=card-age]`);"
-                " return c && / ago$/.test(c.textContent); }", arg=sid, timeout=10_000)
+                " return c && / ago$/.test(c.textContent); }",
+                arg=sid,
+                timeout=10_000,
+            )
             assert card.get_by_test_id("card-caption").inner_text().strip()
             monitor.close()
 
-            page.wait_for_function("document.querySelectorAll('[data-testid=history] li').length > 0",
-                                   timeout=20_000)
+            page.wait_for_function(
+                "document.querySelectorAll('[data-testid=history] li').length > 0", timeout=20_000
+            )
             page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
             page.get_by_test_id("stop").click()
-            page.wait_for_function("['ended', 'idle'].includes(document.querySelector('[data-testid=state]')"
-                                   ".textContent)", timeout=15_000)
+            page.wait_for_function(
+                "['ended', 'idle'].includes(document.querySelector('[data-testid=state]').textContent)",
+                timeout=15_000,
+            )
             history = page.get_by_test_id("history").inner_text()
             assert "[00:00–00:04]" in history, history
             assert not [c for c in console if c.startswith("error")], console

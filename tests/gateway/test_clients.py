@@ -46,9 +46,20 @@ def test_aiortc_example_publishes_a_wav(stack: Stack, tmp_path: Path) -> None:  
 def test_watch_a_file_prints_captions_and_shows_on_the_monitor(stack: Stack, tmp_path: Path) -> None:  # noqa: F811
     wav = two_part_wav(tmp_path / "radio.wav", "low_tone", "pink_noise", seconds=10.0)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services", "watch", str(wav), "--server", f"127.0.0.1:{stack.gateway.port}",
-         "--no-interim"],  # real time: the monitoring view is polled meanwhile, as a person would
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "services",
+            "watch",
+            str(wav),
+            "--server",
+            f"127.0.0.1:{stack.gateway.port}",
+            "--no-interim",
+        ],  # real time: the monitoring view is polled meanwhile, as a person would
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     seen: set[str] = set()
     deadline = time.monotonic() + 120
@@ -88,7 +99,8 @@ def test_ten_peers_for_a_minute(stack: Stack) -> None:  # noqa: F811
                 rss.append(_rss_mib())
             for i, c in enumerate(clients):
                 assert c.channel.readyState == "open", (
-                    f"peer {i}'s data channel closed before the minute was over; it got {c.messages[-5:]}")
+                    f"peer {i}'s data channel closed before the minute was over; it got {c.messages[-5:]}"
+                )
                 c.channel.send(json.dumps({"type": "stop"}))
             await asyncio.gather(*(c.wait_for(lambda m: m["type"] == "ended", 60, "end") for c in clients))
             return clients, rss

@@ -38,7 +38,9 @@ async def wait_caption(s: Session, ctx: str, want: str, timeout: float) -> str:
         if want in types_in_caption(text):
             return str(text)
         await asyncio.sleep(0.2)
-    raise AssertionError(f"the live caption did not name {want} within {timeout:.0f} s; it showed {seen[-10:]}")
+    raise AssertionError(
+        f"the live caption did not name {want} within {timeout:.0f} s; it showed {seen[-10:]}"
+    )
 
 
 async def drive(bidi_url: str, base: str) -> tuple[str, str]:
@@ -48,10 +50,13 @@ async def drive(bidi_url: str, base: str) -> tuple[str, str]:
         await s.cmd("session.subscribe", {"events": ["log.entryAdded"]})
         ctx = (await s.cmd("browsingContext.getTree"))["contexts"][0]["context"]
         await s.navigate(ctx, f"{base}/")
-        await s.eval(ctx, "for (const [id, v] of [['window', '4'], ['hop', '1']]) {"
-                          " const el = document.getElementById(id); el.value = v;"
-                          " el.dispatchEvent(new Event('input', {bubbles: true}));"
-                          " el.dispatchEvent(new Event('change', {bubbles: true})); }")
+        await s.eval(
+            ctx,
+            "for (const [id, v] of [['window', '4'], ['hop', '1']]) {"
+            " const el = document.getElementById(id); el.value = v;"
+            " el.dispatchEvent(new Event('input', {bubbles: true}));"
+            " el.dispatchEvent(new Event('change', {bubbles: true})); }",
+        )
         await s.eval(ctx, f"{q('start-mic')}.click()", user_activation=True)
         await s.wait_for(ctx, f"{q('state')}.textContent === 'live'", 20, "the page going live")
         sid = str(await s.eval(ctx, f"{q('session-id')}.textContent"))
@@ -61,7 +66,9 @@ async def drive(bidi_url: str, base: str) -> tuple[str, str]:
         # The level meter: a reading while Web Audio runs. Firefox starts its audio engine only with an
         # audio output device (none on a headless CI machine; its null/ALSA-null backends did not help
         # here): then the page must say so in words instead of showing a silent meter.
-        engine = await s.wait_for(ctx, "document.getElementById('level').dataset.engine", 10, "the meter's check")
+        engine = await s.wait_for(
+            ctx, "document.getElementById('level').dataset.engine", 10, "the meter's check"
+        )
         if engine == "running":
             level = await s.eval(ctx, "document.getElementById('level').value")
             assert level > -60, f"the level meter stayed silent ({level} dB) while the tone played"
@@ -72,20 +79,33 @@ async def drive(bidi_url: str, base: str) -> tuple[str, str]:
 
         monitor = await s.new_tab()
         await s.navigate(monitor, f"{base}/monitor")
-        await s.wait_for(monitor, f"(() => {{ const c = document.querySelector(\"[data-session='{sid}'] "
-                                  "[data-testid=card-age]\"); return c && / ago$/.test(c.textContent); })()",
-                         15, "the session's card on the monitoring view")
-        card = await s.eval(monitor, f"document.querySelector(\"[data-session='{sid}'] "
-                                     "[data-testid=card-caption]\").textContent.trim()")
+        await s.wait_for(
+            monitor,
+            f"(() => {{ const c = document.querySelector(\"[data-session='{sid}'] "
+            '[data-testid=card-age]"); return c && / ago$/.test(c.textContent); })()',
+            15,
+            "the session's card on the monitoring view",
+        )
+        card = await s.eval(
+            monitor,
+            f"document.querySelector(\"[data-session='{sid}'] "
+            '[data-testid=card-caption]").textContent.trim()',
+        )
         assert card
         await s.cmd("browsingContext.close", {"context": monitor})
 
-        await s.wait_for(ctx, "document.querySelectorAll('[data-testid=history] li').length > 0", 20,
-                         "a final caption in the history")
+        await s.wait_for(
+            ctx,
+            "document.querySelectorAll('[data-testid=history] li').length > 0",
+            20,
+            "a final caption in the history",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         await s.screenshot(ctx, ARTIFACTS / "firefox.png")
         await s.eval(ctx, f"{q('stop')}.click()", user_activation=True)
-        await s.wait_for(ctx, f"['ended', 'idle'].includes({q('state')}.textContent)", 15, "the session ending")
+        await s.wait_for(
+            ctx, f"['ended', 'idle'].includes({q('state')}.textContent)", 15, "the session ending"
+        )
         history = str(await s.eval(ctx, f"{q('history')}.textContent"))
         assert "[00:00–00:04]" in history, history
         errors = s.console("error")
@@ -95,8 +115,11 @@ async def drive(bidi_url: str, base: str) -> tuple[str, str]:
 
 
 @pytest.mark.skipif(FIREFOX is None, reason="Firefox is not installed (Debian package firefox-esr)")
-def test_microphone_to_live_captions_in_firefox(redis_url: str, models: tuple[Any, Any],  # noqa: F811
-                                                tmp_path: Path) -> None:
+def test_microphone_to_live_captions_in_firefox(
+    redis_url: str,
+    models: tuple[Any, Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
     assert FIREFOX is not None
     profile = tmp_path / "firefox-profile"
     write_profile(profile, {"media.navigator.audio.fake_frequency": TONE_HZ})

@@ -52,8 +52,9 @@ def running_stack(redis_url: str, models: tuple[Any, Any], token: str | None = N
     model, engine = models
     enc = start_encoder_server(model, redis_url)
     lm = start_lm_server(engine, redis_url)
-    gw = start_gateway(redis_url, f"127.0.0.1:{enc.port}", f"127.0.0.1:{lm.port}", token=token,
-                       http_address="127.0.0.1:0")
+    gw = start_gateway(
+        redis_url, f"127.0.0.1:{enc.port}", f"127.0.0.1:{lm.port}", token=token, http_address="127.0.0.1:0"
+    )
     try:
         yield Stack(gw, f"http://127.0.0.1:{gw.http_port}")
     finally:
@@ -68,11 +69,20 @@ def stack(redis_url: str, models: tuple[Any, Any]) -> Iterator[Stack]:
         yield s
 
 
-def http(method: str, url: str, body: object = None, headers: dict[str, str] | None = None,
-         raw: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str,
+    url: str,
+    body: object = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={**({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=20) as r:
             return r.status, dict(r.headers), r.read()
@@ -105,7 +115,7 @@ class SoundTrack(MediaStreamTrack):
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         if self.silent_after is not None and self.pos / RATE >= self.silent_after:
             await asyncio.Event().wait()  # never returns: the sender went quiet without a BYE
-        chunk = self.pcm[self.pos % len(self.pcm):][:FRAME]
+        chunk = self.pcm[self.pos % len(self.pcm) :][:FRAME]
         if chunk.size < FRAME:
             chunk = np.concatenate([chunk, self.pcm[: FRAME - chunk.size]])
         frame = av.AudioFrame.from_ndarray(chunk[None, :], format="s16", layout="mono")
@@ -162,6 +172,7 @@ def names(sound: str) -> Any:
 
 # --- pure helpers ---------------------------------------------------------------------------------
 
+
 def test_audio_buffer_drops_oldest_and_counts() -> None:
     buf = AudioBuffer(10)
     assert buf.push(np.arange(6, dtype=np.float32)) == 0
@@ -173,20 +184,33 @@ def test_audio_buffer_drops_oldest_and_counts() -> None:
 
 
 def test_config_and_ice_parsing() -> None:
-    s = settings_from_json({"prompt": "What is heard?", "window_seconds": "5", "hop_seconds": 1, "adapter": ""})
+    s = settings_from_json(
+        {"prompt": "What is heard?", "window_seconds": "5", "hop_seconds": 1, "adapter": ""}
+    )
     assert (s.sample_rate, s.encoding, s.channels) == (16000, "FLOAT32", 1)
     assert (s.session.window_seconds, s.session.hop_seconds, s.session.prompt) == (5.0, 1.0, "What is heard?")
-    for bad in ({"window_seconds": "ten"}, {"interim_results": "yes"}, {"colour": 1}, [1], {"window_seconds": True}):
+    for bad in (
+        {"window_seconds": "ten"},
+        {"interim_results": "yes"},
+        {"colour": 1},
+        [1],
+        {"window_seconds": True},
+    ):
         with pytest.raises(ValueError):
             settings_from_json(bad)
     turn = parse_ice_server("turn:alice:pa%3Ass@turn.example.org:3478?transport=udp")
-    assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org:3478?transport=udp", "alice", "pa:ss")
+    assert (turn.urls, turn.username, turn.credential) == (
+        "turn:turn.example.org:3478?transport=udp",
+        "alice",
+        "pa:ss",
+    )
     assert parse_ice_server("stun:stun.example.org:3478").username is None
     with pytest.raises(ValueError):
         parse_ice_server("http://example.org")
 
 
 # --- the web server -------------------------------------------------------------------------------
+
 
 def test_pages_static_and_health(stack: Stack) -> None:
     status, headers, body = http("GET", f"{stack.base}/")
@@ -223,11 +247,13 @@ def test_bad_offers_get_400_with_a_message_and_the_server_keeps_serving(stack: S
     assert status == 400 and msg
     status, msg = _error_of(http("POST", url, {"sdp": "v=0\r\n", "type": "answer"}))
     assert status == 400 and "offer" in msg
-    status, msg = _error_of(http("POST", url, {"sdp": "v=0\r\nm=audio", "type": "offer",
-                                              "config": {"window_seconds": 0.5}}))
+    status, msg = _error_of(
+        http("POST", url, {"sdp": "v=0\r\nm=audio", "type": "offer", "config": {"window_seconds": 0.5}})
+    )
     assert status == 400 and "window_seconds" in msg
-    status, msg = _error_of(http("POST", url, {"sdp": "v=0\r\nm=audio", "type": "offer",
-                                              "config": {"prompt": "x" * 600}}))
+    status, msg = _error_of(
+        http("POST", url, {"sdp": "v=0\r\nm=audio", "type": "offer", "config": {"prompt": "x" * 600}})
+    )
     assert status == 400 and "prompt" in msg
     assert _error_of(http("GET", f"{stack.base}/api/nothing"))[0] == 404
     assert len(stack.gateway.gateway) == 0  # no session leaked by the refusals
@@ -298,8 +324,9 @@ def test_live_session_captions_listing_and_downloads(stack: Stack) -> None:
     assert any("high_tone" in types_in_caption(c.text) for c in cues)
     status, _, body = http("GET", f"{stack.base}/api/sessions/{sid}/captions.json")
     data = json.loads(body)
-    assert status == 200 and [e["event_id"] for e in data["events"]] == [m["event_id"] for m in messages
-                                                                          if "event_id" in m]
+    assert status == 200 and [e["event_id"] for e in data["events"]] == [
+        m["event_id"] for m in messages if "event_id" in m
+    ]
     assert data["events"][-1]["type"] == "ended"
     assert http("GET", f"{stack.base}/api/sessions/nope/captions.vtt")[0] == 404
     assert http("GET", f"{stack.base}/api/sessions/no%20pe/captions.json")[0] == 404
@@ -320,6 +347,7 @@ def test_vanished_and_closed_peers_are_cleaned_up(redis_url: str, models: tuple[
         web = start_http(gateway, "127.0.0.1", 0, limits=WebRtcLimits(inactivity_seconds=2.0))
         base = f"http://127.0.0.1:{web.port}"
         try:
+
             async def scenario() -> list[dict[str, Any]]:
                 quiet = Client(base, SoundTrack(sounds(("high_tone", 5.0)), silent_after=1.0))
                 await quiet.connect()
@@ -371,7 +399,13 @@ def test_backed_up_channel_holds_interims_but_never_finals() -> None:
         peer.channel = ch  # type: ignore[assignment]
 
         def cap(seg: int, rev: int, final: bool) -> dict[str, Any]:
-            return {"type": "caption", "segment_id": seg, "revision": rev, "is_final": final, "text": f"{seg}.{rev}"}
+            return {
+                "type": "caption",
+                "segment_id": seg,
+                "revision": rev,
+                "is_final": final,
+                "text": f"{seg}.{rev}",
+            }
 
         peer.deliver(cap(0, 1, False))
         ch.bufferedAmount = 5000  # the browser is not reading fast enough
@@ -400,6 +434,7 @@ def test_at_capacity_offers_get_503_and_capacity_returns(redis_url: str, models:
         web = start_http(small, "127.0.0.1", 0)
         base = f"http://127.0.0.1:{web.port}"
         try:
+
             async def scenario() -> None:
                 first = Client(base, SoundTrack(sounds(("mid_tone", 5.0))))
                 await first.connect()

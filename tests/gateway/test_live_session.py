@@ -38,8 +38,11 @@ def chunks(rate: int, n: int, seconds: float = 0.1) -> list[bytes]:
 @pytest.mark.parametrize("rate", [16000, 44100])
 def test_a_resent_chunk_after_a_failed_push_is_pushed_once_and_unchanged(rate: int) -> None:
     enc = FlakyEncoder({3, 5})
-    session = LiveSession(SimpleNamespace(limits=GatewayLimits(), encoder=enc),  # type: ignore[arg-type]
-                          "s", StreamSettings(sample_rate=rate))
+    session = LiveSession(
+        SimpleNamespace(limits=GatewayLimits(), encoder=enc),  # type: ignore[arg-type]
+        "s",
+        StreamSettings(sample_rate=rate),
+    )
     data = chunks(rate, 8)
     for i, d in enumerate(data, start=1):
         try:
@@ -57,8 +60,11 @@ def test_a_resent_chunk_after_a_failed_push_is_pushed_once_and_unchanged(rate: i
 
 def test_a_resent_chunk_must_carry_the_same_bytes() -> None:
     enc = FlakyEncoder({2})
-    session = LiveSession(SimpleNamespace(limits=GatewayLimits(), encoder=enc),  # type: ignore[arg-type]
-                          "s", StreamSettings(sample_rate=44100))
+    session = LiveSession(
+        SimpleNamespace(limits=GatewayLimits(), encoder=enc),  # type: ignore[arg-type]
+        "s",
+        StreamSettings(sample_rate=44100),
+    )
     a, b, c = chunks(44100, 3)
     session.feed(a, 1)
     with pytest.raises(PushFailed):

@@ -24,8 +24,9 @@ TERMINAL = (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
 @pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 short clips (three sound types): enough for a few fast training steps."""
-    return generate_dataset(tmp_path_factory.mktemp("tiny"), 24, seed=5, types=["siren", "pink_noise", "low_tone"],
-                            progress=False)
+    return generate_dataset(
+        tmp_path_factory.mktemp("tiny"), 24, seed=5, types=["siren", "pink_noise", "low_tone"], progress=False
+    )
 
 
 @pytest.fixture
@@ -43,8 +44,14 @@ def worker_thread(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Trai
     running: list[tuple[TrainingWorker, threading.Thread]] = []
 
     def start(**kw: object) -> TrainingWorker:
-        settings = dict(jobs_dir=tmp_path / "jobs", worker_id=f"t{len(running)}", device="cpu", defaults=FAST,
-                        checkpoint_every=5, metrics_every=5)
+        settings = dict(
+            jobs_dir=tmp_path / "jobs",
+            worker_id=f"t{len(running)}",
+            device="cpu",
+            defaults=FAST,
+            checkpoint_every=5,
+            metrics_every=5,
+        )
         settings.update(kw)
         w = TrainingWorker(redis_url, WorkerSettings(**settings))  # type: ignore[arg-type]
         t = threading.Thread(target=w.run, name="test-trainer", daemon=True)
@@ -61,21 +68,34 @@ def worker_thread(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Trai
 
 
 def hp(**kw: object) -> jobs_pb2.Hyperparameters:
-    base: dict[str, object] = dict(learning_rate=1e-3, max_steps=20, batch_size=2, warmup_steps=2, lora_rank=4,
-                                   lora_targets=list(DECODER_TARGETS), checkpoint_every=5)
+    base: dict[str, object] = dict(
+        learning_rate=1e-3,
+        max_steps=20,
+        batch_size=2,
+        warmup_steps=2,
+        lora_rank=4,
+        lora_targets=list(DECODER_TARGETS),
+        checkpoint_every=5,
+    )
     base.update(kw)
     return jobs_pb2.Hyperparameters(**base)  # type: ignore[arg-type]
 
 
-def wait_job(stub: jobs_pb2_grpc.JobServiceStub, job_id: str, until: Callable[[jobs_pb2.Job], bool],
-             timeout: float = 120.0) -> jobs_pb2.Job:
+def wait_job(
+    stub: jobs_pb2_grpc.JobServiceStub,
+    job_id: str,
+    until: Callable[[jobs_pb2.Job], bool],
+    timeout: float = 120.0,
+) -> jobs_pb2.Job:
     deadline = time.monotonic() + timeout
     while True:
         job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10)
         if until(job):
             return job
         if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {jobs_pb2.JobStatus.Name(job.status)} at step {job.step}")
+            raise AssertionError(
+                f"job {job_id} still {jobs_pb2.JobStatus.Name(job.status)} at step {job.step}"
+            )
         time.sleep(0.1)
 
 

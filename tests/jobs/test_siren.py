@@ -25,30 +25,50 @@ from services.training.data import merge_datasets
 from services.training.synth import DEFAULT_TYPES, generate_dataset, make_clip, types_in_caption
 from tests.jobs.conftest import DECODER_TARGETS, done, events, wait_job
 
-SIREN_HP = dict(learning_rate=3e-3, max_steps=400, batch_size=8, warmup_steps=10, lora_rank=16, lora_alpha=32.0,
-                lora_targets=list(DECODER_TARGETS), checkpoint_every=100)
+SIREN_HP = dict(
+    learning_rate=3e-3,
+    max_steps=400,
+    batch_size=8,
+    warmup_steps=10,
+    lora_rank=16,
+    lora_alpha=32.0,
+    lora_targets=list(DECODER_TARGETS),
+    checkpoint_every=100,
+)
 
 
 def _dataset(root: Path) -> Path:
     return merge_datasets(
         root / "train.csv",
         generate_dataset(root / "mix", 120, seed=11, types=[*DEFAULT_TYPES, "siren"], progress=False),
-        generate_dataset(root / "siren", 120, seed=12, types=["siren", "pink_noise", "silence"], progress=False),
+        generate_dataset(
+            root / "siren", 120, seed=12, types=["siren", "pink_noise", "silence"], progress=False
+        ),
     )
 
 
 def _captions(target: str, wav: Path, adapter: str) -> list[str]:
-    return [r.caption.text for r in stream_file(wav, target, speed=0, adapter=adapter, timeout=120)
-            if r.WhichOneof("response") == "caption" and r.caption.is_final]
+    return [
+        r.caption.text
+        for r in stream_file(wav, target, speed=0, adapter=adapter, timeout=120)
+        if r.WhichOneof("response") == "caption" and r.caption.is_final
+    ]
 
 
 @pytest.mark.slow
-def test_lora_job_teaches_a_siren_and_a_live_stream_uses_the_adapter(jobs, worker_thread, redis_url: str,
-                                                                     tmp_path: Path) -> None:
+def test_lora_job_teaches_a_siren_and_a_live_stream_uses_the_adapter(
+    jobs, worker_thread, redis_url: str, tmp_path: Path
+) -> None:
     _, stub = jobs
     worker_thread(checkpoint_every=100, metrics_every=10)
-    job = stub.CreateJob(jobs_pb2.CreateJobRequest(name="sirens", dataset_uri=str(_dataset(tmp_path / "data")),
-                                                   hyperparameters=jobs_pb2.Hyperparameters(**SIREN_HP)), timeout=60)
+    job = stub.CreateJob(
+        jobs_pb2.CreateJobRequest(
+            name="sirens",
+            dataset_uri=str(_dataset(tmp_path / "data")),
+            hyperparameters=jobs_pb2.Hyperparameters(**SIREN_HP),
+        ),
+        timeout=60,
+    )
     job = wait_job(stub, job.id, done, timeout=600)
     assert job.status == jobs_pb2.SUCCEEDED, job.error.message
     evs = events(stub, job.id)
@@ -58,7 +78,11 @@ def test_lora_job_teaches_a_siren_and_a_live_stream_uses_the_adapter(jobs, worke
     assert np.mean(losses[-third:]) < np.mean(losses[:third]), losses
     assert any(e.kind == jobs_pb2.JobEvent.EVAL and "word_f1" in e.eval_scores for e in evs)
     assert [e.status for e in evs if e.kind == jobs_pb2.JobEvent.STATUS] == [
-        jobs_pb2.VALIDATING, jobs_pb2.QUEUED, jobs_pb2.RUNNING, jobs_pb2.SUCCEEDED]
+        jobs_pb2.VALIDATING,
+        jobs_pb2.QUEUED,
+        jobs_pb2.RUNNING,
+        jobs_pb2.SUCCEEDED,
+    ]
 
     clip = make_clip(np.random.default_rng([99, 0]), ["siren"])
     wav = tmp_path / "siren.wav"

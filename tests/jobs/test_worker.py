@@ -22,8 +22,12 @@ from tests.jobs.conftest import FAST, done, events, hp, wait_job
 def test_cancel_during_training_stops_within_a_step(jobs, worker_thread, tiny_csv: Path) -> None:
     _, stub = jobs
     worker_thread()
-    job = stub.CreateJob(jobs_pb2.CreateJobRequest(name="cancel-me", dataset_uri=str(tiny_csv),
-                                                   hyperparameters=hp(max_steps=500)), timeout=30)
+    job = stub.CreateJob(
+        jobs_pb2.CreateJobRequest(
+            name="cancel-me", dataset_uri=str(tiny_csv), hyperparameters=hp(max_steps=500)
+        ),
+        timeout=30,
+    )
     wait_job(stub, job.id, lambda j: j.status == jobs_pb2.RUNNING and j.step >= 5, timeout=60)
     stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id), timeout=10)
     asked_at = time.monotonic()
@@ -35,8 +39,9 @@ def test_cancel_during_training_stops_within_a_step(jobs, worker_thread, tiny_cs
     assert "Cancelled at step" in last.message
 
 
-def test_a_job_that_keeps_failing_ends_failed_after_max_attempts(jobs, worker_thread, tiny_csv: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_that_keeps_failing_ends_failed_after_max_attempts(
+    jobs, worker_thread, tiny_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, stub = jobs
 
     def broken(*_: object) -> None:
@@ -44,25 +49,37 @@ def test_a_job_that_keeps_failing_ends_failed_after_max_attempts(jobs, worker_th
 
     monkeypatch.setattr(worker_module, "train_config", broken)
     worker_thread()
-    job = stub.CreateJob(jobs_pb2.CreateJobRequest(name="flaky", dataset_uri=str(tiny_csv), hyperparameters=hp()),
-                         timeout=30)
+    job = stub.CreateJob(
+        jobs_pb2.CreateJobRequest(name="flaky", dataset_uri=str(tiny_csv), hyperparameters=hp()), timeout=30
+    )
     job = wait_job(stub, job.id, done, timeout=60)
     assert job.status == jobs_pb2.FAILED and job.error.code == "internal"
     assert "simulated device fault" in job.error.message
-    starts = [e for e in events(stub, job.id) if e.kind == jobs_pb2.JobEvent.STATUS and e.status == jobs_pb2.RUNNING]
+    starts = [
+        e for e in events(stub, job.id) if e.kind == jobs_pb2.JobEvent.STATUS and e.status == jobs_pb2.RUNNING
+    ]
     assert len(starts) == FAST.max_attempts  # retried, then given up: no loop
 
 
-def test_export_writes_a_loadable_merged_checkpoint(jobs, worker_thread, tiny_csv: Path, tmp_path: Path,
-                                                    redis_url: str) -> None:
+def test_export_writes_a_loadable_merged_checkpoint(
+    jobs, worker_thread, tiny_csv: Path, tmp_path: Path, redis_url: str
+) -> None:
     _, stub = jobs
     worker_thread()
-    job = stub.CreateJob(jobs_pb2.CreateJobRequest(name="to-export", dataset_uri=str(tiny_csv),
-                                                   hyperparameters=hp(max_steps=3)), timeout=30)
+    job = stub.CreateJob(
+        jobs_pb2.CreateJobRequest(
+            name="to-export", dataset_uri=str(tiny_csv), hyperparameters=hp(max_steps=3)
+        ),
+        timeout=30,
+    )
     job = wait_job(stub, job.id, done, timeout=120)
     assert job.status == jobs_pb2.SUCCEEDED and job.adapter_name == "to-export"
     adapter = stub.GetAdapter(jobs_pb2.GetAdapterRequest(name="to-export"), timeout=10)
-    assert adapter.job_id == job.id and adapter.lora_rank == 4 and (Path(adapter.path) / "adapter_config.json").exists()
+    assert (
+        adapter.job_id == job.id
+        and adapter.lora_rank == 4
+        and (Path(adapter.path) / "adapter_config.json").exists()
+    )
     listed = stub.ListAdapters(jobs_pb2.ListAdaptersRequest(), timeout=10)
     assert [a.name for a in listed.adapters] == ["to-export"]
     out = tmp_path / "merged"
@@ -72,24 +89,51 @@ def test_export_writes_a_loadable_merged_checkpoint(jobs, worker_thread, tiny_cs
 
 
 def _spawn_worker(redis_url: str, jobs_dir: Path, worker_id: str, log: BinaryIO) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "services", "worker", "--redis-url", redis_url, "--jobs-dir", str(jobs_dir),
-           "--worker-id", worker_id, "--device", "cpu", "--checkpoint-every", "5", "--metrics-every", "5",
-           "--lease-ttl-ms", str(FAST.lease_ttl_ms), "--heartbeat-ms", str(FAST.heartbeat_ms),
-           "--claim-idle-ms", str(FAST.claim_min_idle_ms)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services",
+        "worker",
+        "--redis-url",
+        redis_url,
+        "--jobs-dir",
+        str(jobs_dir),
+        "--worker-id",
+        worker_id,
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "5",
+        "--metrics-every",
+        "5",
+        "--lease-ttl-ms",
+        str(FAST.lease_ttl_ms),
+        "--heartbeat-ms",
+        str(FAST.heartbeat_ms),
+        "--claim-idle-ms",
+        str(FAST.claim_min_idle_ms),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 @pytest.mark.slow
 def test_killed_worker_is_taken_over_and_the_job_resumes_from_its_checkpoint(
-        jobs, redis_url: str, tiny_csv: Path, tmp_path: Path) -> None:
+    jobs, redis_url: str, tiny_csv: Path, tmp_path: Path
+) -> None:
     _, stub = jobs
     logs = {w: (tmp_path / f"{w}.log").open("wb") for w in ("wa", "wb")}
     procs = {w: _spawn_worker(redis_url, tmp_path / "jobs", w, logs[w]) for w in logs}
     try:
-        job = stub.CreateJob(jobs_pb2.CreateJobRequest(name="survivor", dataset_uri=str(tiny_csv),
-                                                       hyperparameters=hp(max_steps=40)), timeout=30)
-        running = wait_job(stub, job.id, lambda j: bool(j.latest_checkpoint_path) and j.step >= 5, timeout=120)
+        job = stub.CreateJob(
+            jobs_pb2.CreateJobRequest(
+                name="survivor", dataset_uri=str(tiny_csv), hyperparameters=hp(max_steps=40)
+            ),
+            timeout=30,
+        )
+        running = wait_job(
+            stub, job.id, lambda j: bool(j.latest_checkpoint_path) and j.step >= 5, timeout=120
+        )
         first = _worker_of(stub, job.id)
         procs[first].send_signal(signal.SIGKILL)
         procs[first].wait(timeout=10)
@@ -116,6 +160,9 @@ def test_killed_worker_is_taken_over_and_the_job_resumes_from_its_checkpoint(
 
 
 def _worker_of(stub, job_id: str) -> str:  # type: ignore[no-untyped-def]
-    starts = [e.message for e in events(stub, job_id) if e.kind == jobs_pb2.JobEvent.STATUS
-              and e.status == jobs_pb2.RUNNING]
+    starts = [
+        e.message
+        for e in events(stub, job_id)
+        if e.kind == jobs_pb2.JobEvent.STATUS and e.status == jobs_pb2.RUNNING
+    ]
     return starts[-1].split()[1] if starts else ""

@@ -54,12 +54,19 @@ class LiveStack:
 
 
 @pytest.fixture
-def make_stack(redis_url: str, engine: SimpleEngine, encoder_model: MiDashengLM) -> Iterator[Callable[..., LiveStack]]:
+def make_stack(
+    redis_url: str, engine: SimpleEngine, encoder_model: MiDashengLM
+) -> Iterator[Callable[..., LiveStack]]:
     """Factory: ``make_stack(limits=..., token=..., defaults=..., lm_workers=1)``; all stopped at teardown."""
     stacks: list[LiveStack] = []
 
-    def make(limits: GatewayLimits | None = None, token: str | None = None, defaults: TransportDefaults | None = None,
-             lm_workers: int = 1, lm_target: str | None = None) -> LiveStack:
+    def make(
+        limits: GatewayLimits | None = None,
+        token: str | None = None,
+        defaults: TransportDefaults | None = None,
+        lm_workers: int = 1,
+        lm_target: str | None = None,
+    ) -> LiveStack:
         enc = start_encoder_server(encoder_model, redis_url, defaults=defaults)
         lm = None
         if lm_workers >= 0 and lm_target is None:

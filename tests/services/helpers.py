@@ -23,11 +23,15 @@ CALL_TIMEOUT_S = 30.0  # calls expected to fail or finish quickly
 def clip(parts: Sequence[tuple[str, float]], seed: int = 0) -> np.ndarray:
     """Concatenated synthetic sounds at 16 kHz, e.g. [("high_tone", 10), ("white_noise", 10)]."""
     rng = np.random.default_rng(seed)
-    return np.concatenate([render_sound(name, rng, int(round(sec * SR))) for name, sec in parts]).astype(np.float32)
+    return np.concatenate([render_sound(name, rng, int(round(sec * SR))) for name, sec in parts]).astype(
+        np.float32
+    )
 
 
 def config(**kw: object) -> captions_pb2.StreamCaptionsRequest:
-    base: dict[str, object] = dict(sample_rate_hz=SR, encoding=captions_pb2.LINEAR16, channels=1, interim_results=True)
+    base: dict[str, object] = dict(
+        sample_rate_hz=SR, encoding=captions_pb2.LINEAR16, channels=1, interim_results=True
+    )
     base.update(kw)
     return captions_pb2.StreamCaptionsRequest(config=captions_pb2.SessionConfig(**base))  # type: ignore[arg-type]
 
@@ -44,7 +48,9 @@ def pcm_chunks(audio: np.ndarray, chunk: int = CHUNK) -> list[bytes]:
     return [float_to_pcm16_bytes(audio[k : k + chunk]) for k in range(0, len(audio), chunk)]
 
 
-def requests_for(audio: np.ndarray, first_seq: int = 1, **cfg: object) -> Iterator[captions_pb2.StreamCaptionsRequest]:
+def requests_for(
+    audio: np.ndarray, first_seq: int = 1, **cfg: object
+) -> Iterator[captions_pb2.StreamCaptionsRequest]:
     """Config, 100 ms LINEAR16 chunks numbered from ``first_seq``, then a half-close."""
     yield config(**cfg)
     for i, data in enumerate(pcm_chunks(audio)):
@@ -123,8 +129,10 @@ class Collected:
             k = r.WhichOneof("response")
             if k == "caption":
                 c = r.caption
-                rows.append(f"  caption {c.event_id} seg={c.segment_id} rev={c.revision} "
-                            f"[{c.window_start_seconds:.1f},{c.window_end_seconds:.1f}] final={c.is_final} {c.text!r}")
+                rows.append(
+                    f"  caption {c.event_id} seg={c.segment_id} rev={c.revision} "
+                    f"[{c.window_start_seconds:.1f},{c.window_end_seconds:.1f}] final={c.is_final} {c.text!r}"
+                )
             else:
                 rows.append(f"  {k}: {str(getattr(r, k)).strip()[:160]!r}")
         return "\n".join(rows)

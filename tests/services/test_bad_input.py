@@ -43,8 +43,13 @@ def still_works(stack: LiveStack, audio: np.ndarray, metadata: list[tuple[str, s
     assert res.finals and res.ended.total_audio_seconds == pytest.approx(3.0, abs=0.05)
 
 
-def failing(stack: LiveStack, reqs: list[captions_pb2.StreamCaptionsRequest], code: grpc.StatusCode,
-            *needles: str, metadata: list[tuple[str, str]] | None = None) -> Collected:
+def failing(
+    stack: LiveStack,
+    reqs: list[captions_pb2.StreamCaptionsRequest],
+    code: grpc.StatusCode,
+    *needles: str,
+    metadata: list[tuple[str, str]] | None = None,
+) -> Collected:
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=CALL_TIMEOUT_S, metadata=metadata))
     assert res.error is not None, f"expected {code.name}, the call succeeded:\n{res.table()}"
     assert res.error.code() == code, f"{res.error.code()}: {res.error.details()}"
@@ -60,24 +65,55 @@ def chunk16(seconds: float = 0.1) -> bytes:
 
 
 CASES: dict[str, tuple[list[captions_pb2.StreamCaptionsRequest], grpc.StatusCode, tuple[str, ...]]] = {
-    "sample_rate_1000": ([config(sample_rate_hz=1000)], grpc.StatusCode.INVALID_ARGUMENT,
-                         ("sample_rate_hz", "1000", "8000", "48000")),
+    "sample_rate_1000": (
+        [config(sample_rate_hz=1000)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("sample_rate_hz", "1000", "8000", "48000"),
+    ),
     "unknown_encoding": ([config(encoding=7)], grpc.StatusCode.INVALID_ARGUMENT, ("encoding", "7")),
-    "audio_before_config": ([audio_req(chunk16(), 1)], grpc.StatusCode.FAILED_PRECONDITION, ("SessionConfig",)),
-    "resume_unknown_session": ([config(session_id="no-such-session", resume_after_event_id="1-0")],
-                               grpc.StatusCode.NOT_FOUND, ("no-such-session",)),
-    "odd_length_linear16": ([config(), audio_req(chunk16(), 1), audio_req(b"\x01\x02\x03", 2)],
-                            grpc.StatusCode.INVALID_ARGUMENT, ("LINEAR16", "multiple of 2", "3")),
-    "float32_nan": ([config(encoding=captions_pb2.FLOAT32),
-                     audio_req(struct.pack("<4f", 0.1, float("nan"), 0.2, 0.3), 1)],
-                    grpc.StatusCode.INVALID_ARGUMENT, ("NaN",)),
-    "second_config": ([config(), audio_req(chunk16(), 1), config()], grpc.StatusCode.INVALID_ARGUMENT,
-                      ("SessionConfig", "first")),
-    "seq_gap": ([config(), audio_req(chunk16(), 1), audio_req(chunk16(), 3)], grpc.StatusCode.INVALID_ARGUMENT,
-                ("seq 3",)),
-    "unspecified_control": ([config(), control(captions_pb2.Control.ACTION_UNSPECIFIED)],
-                            grpc.StatusCode.INVALID_ARGUMENT, ("control",)),
-    "window_too_long": ([config(window_seconds=100.0)], grpc.StatusCode.INVALID_ARGUMENT, ("window_seconds",)),
+    "audio_before_config": (
+        [audio_req(chunk16(), 1)],
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ("SessionConfig",),
+    ),
+    "resume_unknown_session": (
+        [config(session_id="no-such-session", resume_after_event_id="1-0")],
+        grpc.StatusCode.NOT_FOUND,
+        ("no-such-session",),
+    ),
+    "odd_length_linear16": (
+        [config(), audio_req(chunk16(), 1), audio_req(b"\x01\x02\x03", 2)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("LINEAR16", "multiple of 2", "3"),
+    ),
+    "float32_nan": (
+        [
+            config(encoding=captions_pb2.FLOAT32),
+            audio_req(struct.pack("<4f", 0.1, float("nan"), 0.2, 0.3), 1),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("NaN",),
+    ),
+    "second_config": (
+        [config(), audio_req(chunk16(), 1), config()],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("SessionConfig", "first"),
+    ),
+    "seq_gap": (
+        [config(), audio_req(chunk16(), 1), audio_req(chunk16(), 3)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("seq 3",),
+    ),
+    "unspecified_control": (
+        [config(), control(captions_pb2.Control.ACTION_UNSPECIFIED)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("control",),
+    ),
+    "window_too_long": (
+        [config(window_seconds=100.0)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("window_seconds",),
+    ),
     "eleven_channels": ([config(channels=11)], grpc.StatusCode.INVALID_ARGUMENT, ("channels", "11")),
 }
 
@@ -118,14 +154,26 @@ def test_client_that_sends_nothing_gets_deadline_exceeded(
     still_works(stack, short_clip)
 
 
-def test_token_is_required_when_configured(make_stack: Callable[..., LiveStack], short_clip: np.ndarray) -> None:
+def test_token_is_required_when_configured(
+    make_stack: Callable[..., LiveStack], short_clip: np.ndarray
+) -> None:
     stack = make_stack(token="s3cret")
     for md in (None, [("authorization", "Bearer wrong")], [("authorization", "s3cret")]):
-        failing(stack, [config(), audio_req(chunk16(), 1)], grpc.StatusCode.UNAUTHENTICATED, "authorization",
-                metadata=md)
+        failing(
+            stack,
+            [config(), audio_req(chunk16(), 1)],
+            grpc.StatusCode.UNAUTHENTICATED,
+            "authorization",
+            metadata=md,
+        )
         with pytest.raises(grpc.RpcError) as e:
-            stack.stub.Caption(captions_pb2.CaptionRequest(raw_audio=captions_pb2.RawAudio(
-                data=chunk16(1.0), sample_rate_hz=16000)), timeout=CALL_TIMEOUT_S, metadata=md)
+            stack.stub.Caption(
+                captions_pb2.CaptionRequest(
+                    raw_audio=captions_pb2.RawAudio(data=chunk16(1.0), sample_rate_hz=16000)
+                ),
+                timeout=CALL_TIMEOUT_S,
+                metadata=md,
+            )
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     still_works(stack, short_clip, metadata=[("authorization", "Bearer s3cret")])
 
@@ -161,24 +209,38 @@ def test_idle_session_ends_with_reason_idle_timeout(make_stack: Callable[..., Li
 
 def test_finalize_captions_everything_sent_then_ends(stack: LiveStack) -> None:
     chunks = pcm_chunks(clip([("high_tone", 3.0)], seed=22))
-    reqs = [config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks)], control(captions_pb2.Control.FINALIZE)]
+    reqs = [
+        config(),
+        *[audio_req(d, i + 1) for i, d in enumerate(chunks)],
+        control(captions_pb2.Control.FINALIZE),
+    ]
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=STREAM_TIMEOUT_S))
     assert res.error is None, res.error
     assert res.kinds()[-1] == "ended", res.table()
-    assert [(c.segment_id, c.window_start_seconds, c.window_end_seconds) for c in res.finals] == [(0, 0.0, 3.0)]
+    assert [(c.segment_id, c.window_start_seconds, c.window_end_seconds) for c in res.finals] == [
+        (0, 0.0, 3.0)
+    ]
 
 
 def test_audio_after_finalize_is_a_failed_precondition(stack: LiveStack, short_clip: np.ndarray) -> None:
     chunks = pcm_chunks(clip([("high_tone", 2.0)], seed=22))
-    reqs = [config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:10])],
-            control(captions_pb2.Control.FINALIZE), audio_req(chunks[10], 11)]
+    reqs = [
+        config(),
+        *[audio_req(d, i + 1) for i, d in enumerate(chunks[:10])],
+        control(captions_pb2.Control.FINALIZE),
+        audio_req(chunks[10], 11),
+    ]
     failing(stack, reqs, grpc.StatusCode.FAILED_PRECONDITION, "finalized")
     still_works(stack, short_clip)
 
 
 def test_close_ends_without_captioning_the_open_window(stack: LiveStack) -> None:
     chunks = pcm_chunks(clip([("high_tone", 5.0)], seed=23))
-    reqs = [config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks)], control(captions_pb2.Control.CLOSE)]
+    reqs = [
+        config(),
+        *[audio_req(d, i + 1) for i, d in enumerate(chunks)],
+        control(captions_pb2.Control.CLOSE),
+    ]
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=STREAM_TIMEOUT_S))
     assert res.error is None, res.error
     assert res.kinds()[-1] == "ended", res.table()
@@ -201,21 +263,37 @@ def test_health_and_reflection_on_every_server(stack: LiveStack) -> None:
                 health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-            [answer] = list(refl.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            [answer] = list(
+                refl.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+                )
+            )
             names = {s.name for s in answer.list_services_response.service}
             assert service in names and "grpc.health.v1.Health" in names, names
     # The public gateway's reflection describes the API fully (a generic client can call it).
     with grpc.insecure_channel(stack.target) as ch:
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-        [answer] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="midasheng.v1.CaptionService")]), timeout=5))
+        [answer] = list(
+            refl.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="midasheng.v1.CaptionService"
+                        )
+                    ]
+                ),
+                timeout=5,
+            )
+        )
         assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
     assert captions_pb2_grpc.CaptionServiceStub  # the generated stub the clients use
 
 
 def test_unknown_adapter_ends_the_session_with_not_found(stack: LiveStack, short_clip: np.ndarray) -> None:
-    reqs = [config(adapter="no-such-adapter"), *[audio_req(d, i + 1) for i, d in enumerate(pcm_chunks(short_clip))]]
+    reqs = [
+        config(adapter="no-such-adapter"),
+        *[audio_req(d, i + 1) for i, d in enumerate(pcm_chunks(short_clip))],
+    ]
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=STREAM_TIMEOUT_S))
     errors = [r.error for r in res.responses if r.WhichOneof("response") == "error"]
     assert errors and errors[0].fatal and errors[0].code == grpc.StatusCode.NOT_FOUND.value[0], res.table()

@@ -43,7 +43,9 @@ def test_encoder_outage_mid_stream_is_reported_and_recovered_from(
     port = stack.encoder.port
     chunks = pcm_chunks(audio)
     feeder = Feeder()
-    feeder.put(config(window_seconds=2.0, hop_seconds=1.0), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:30])])
+    feeder.put(
+        config(window_seconds=2.0, hop_seconds=1.0), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:30])]
+    )
     call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
     sid = next(call).started.session_id
     first = next(call)  # the pipeline runs: a caption for the audio sent so far
@@ -81,8 +83,10 @@ def test_encoder_outage_mid_stream_is_reported_and_recovered_from(
     # (lease released, not held until their silence timeout), and later resumes say the same.
     client = redis.Redis.from_url(redis_url)
     try:
-        tail = [{k.decode(): v.decode() for k, v in f.items()}
-                for _, f in client.xrevrange(keys.session_captions(sid), count=2)][::-1]
+        tail = [
+            {k.decode(): v.decode() for k, v in f.items()}
+            for _, f in client.xrevrange(keys.session_captions(sid), count=2)
+        ][::-1]
         assert [t.get("type") for t in tail] == ["error", "end"], tail
         assert tail[0]["reason"] == "ENCODER_STATE_LOST" and tail[0]["fatal"] == "1", tail
         assert client.zscore(keys.ACTIVE_SESSIONS, sid) is None
@@ -106,6 +110,8 @@ def test_encoder_outage_mid_stream_is_reported_and_recovered_from(
 
 def test_lm_service_errors_keep_their_status_through_the_gateway(stack: LiveStack) -> None:
     with pytest.raises(grpc.RpcError) as e:
-        stack.stub.Caption(captions_pb2.CaptionRequest(encoded_audio=b"not audio at all"), timeout=CALL_TIMEOUT_S)
+        stack.stub.Caption(
+            captions_pb2.CaptionRequest(encoded_audio=b"not audio at all"), timeout=CALL_TIMEOUT_S
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{e.value.code()}: {e.value.details()}"
     assert "internal error" not in e.value.details()

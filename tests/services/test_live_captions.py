@@ -42,8 +42,12 @@ def check_finals_name_tone_then_noise(res: Collected) -> None:
     finals = {c.segment_id: c for c in res.finals}
     assert sorted(finals) == [0, 1], res.table()
     seg0, seg1 = types_in_caption(finals[0].text), types_in_caption(finals[1].text)
-    assert "high_tone" in seg0 and "white_noise" not in seg0, f"segment 0 final: {finals[0].text!r}\n{res.table()}"
-    assert "white_noise" in seg1 and "high_tone" not in seg1, f"segment 1 final: {finals[1].text!r}\n{res.table()}"
+    assert "high_tone" in seg0 and "white_noise" not in seg0, (
+        f"segment 0 final: {finals[0].text!r}\n{res.table()}"
+    )
+    assert "white_noise" in seg1 and "high_tone" not in seg1, (
+        f"segment 1 final: {finals[1].text!r}\n{res.table()}"
+    )
 
 
 def test_stream_tone_then_noise_events_are_ordered_and_captions_name_the_sounds(
@@ -66,7 +70,9 @@ def test_stream_tone_then_noise_events_are_ordered_and_captions_name_the_sounds(
     for seg in {c.segment_id for c in caps}:
         mine = [c for c in caps if c.segment_id == seg]
         assert mine[-1].is_final and not any(c.is_final for c in mine[:-1]), res.table()
-        assert [c.revision for c in mine] == sorted({c.revision for c in mine}), res.table()  # strictly increasing
+        assert [c.revision for c in mine] == sorted({c.revision for c in mine}), (
+            res.table()
+        )  # strictly increasing
         assert mine[0].revision == 0
     # Segment ids never go back; event ids strictly increase.
     segs = [c.segment_id for c in caps]
@@ -81,7 +87,9 @@ def test_stream_tone_then_noise_events_are_ordered_and_captions_name_the_sounds(
     finals = res.finals
     assert [c.segment_id for c in finals] == [0, 1], res.table()
     assert [(c.window_start_seconds, c.window_end_seconds) for c in finals] == [
-        pytest.approx((0.0, 10.0)), pytest.approx((10.0, 20.0))], res.table()
+        pytest.approx((0.0, 10.0)),
+        pytest.approx((10.0, 20.0)),
+    ], res.table()
     check_finals_name_tone_then_noise(res)
 
     ended = res.ended
@@ -96,7 +104,9 @@ def test_session_ended_last_event_id_is_the_last_caption_event(stack: LiveStack)
     assert res.ended.last_event_id == res.captions[-1].event_id
 
 
-def test_44k1_stereo_stream_is_resampled_and_captioned_like_16k_mono(stack: LiveStack, two_part: np.ndarray) -> None:
+def test_44k1_stereo_stream_is_resampled_and_captioned_like_16k_mono(
+    stack: LiveStack, two_part: np.ndarray
+) -> None:
     mono16 = stream(stack, two_part, interim_results=False)
     hi = resample_poly(two_part.astype(np.float64), 441, 160)
     stereo = np.stack([hi, hi], axis=1).reshape(-1)  # interleaved L R
@@ -110,12 +120,20 @@ def test_44k1_stereo_stream_is_resampled_and_captioned_like_16k_mono(stack: Live
     res = collect(stack.stub.StreamCaptions(reqs(), timeout=STREAM_TIMEOUT_S))
     for r in (mono16, res):
         assert r.error is None and r.kinds()[-1] == "ended", r.table()
-        assert all(c.is_final for c in r.captions), "interim_results=False must send finals only\n" + r.table()
+        assert all(c.is_final for c in r.captions), (
+            "interim_results=False must send finals only\n" + r.table()
+        )
     assert res.started.effective_config.sample_rate_hz == 44100 and res.started.effective_config.channels == 2
     assert res.ended.total_audio_seconds == pytest.approx(20.0, abs=0.05)
-    assert [(c.segment_id, round(c.window_start_seconds, 1), round(c.window_end_seconds, 1)) for c in res.finals] == [
-        (c.segment_id, round(c.window_start_seconds, 1), round(c.window_end_seconds, 1)) for c in mono16.finals]
-    assert [c.text for c in res.finals] == [c.text for c in mono16.finals], f"44.1k:\n{res.table()}\n16k:\n{mono16.table()}"
+    assert [
+        (c.segment_id, round(c.window_start_seconds, 1), round(c.window_end_seconds, 1)) for c in res.finals
+    ] == [
+        (c.segment_id, round(c.window_start_seconds, 1), round(c.window_end_seconds, 1))
+        for c in mono16.finals
+    ]
+    assert [c.text for c in res.finals] == [c.text for c in mono16.finals], (
+        f"44.1k:\n{res.table()}\n16k:\n{mono16.table()}"
+    )
     check_finals_name_tone_then_noise(res)
 
 
@@ -128,11 +146,15 @@ def wav_bytes(audio: np.ndarray, sr: int = 16000) -> bytes:
 def test_caption_offline_wav_and_raw_pcm(stack: LiveStack) -> None:
     tone = clip([("high_tone", 5.0)], seed=3)
     noise = clip([("white_noise", 5.0)], seed=4)
-    r1 = stack.stub.Caption(captions_pb2.CaptionRequest(encoded_audio=wav_bytes(tone), request_id="a"), timeout=60)
+    r1 = stack.stub.Caption(
+        captions_pb2.CaptionRequest(encoded_audio=wav_bytes(tone), request_id="a"), timeout=60
+    )
     assert types_in_caption(r1.text) == ["high_tone"], r1.text
     assert r1.request_id == "a" and r1.audio_seconds == pytest.approx(5.0, abs=0.01)
     assert r1.generated_tokens > 0 and r1.finish_reason == captions_pb2.CaptionResponse.STOP
-    raw = captions_pb2.RawAudio(data=float_to_pcm16_bytes(noise), sample_rate_hz=16000, encoding=captions_pb2.LINEAR16)
+    raw = captions_pb2.RawAudio(
+        data=float_to_pcm16_bytes(noise), sample_rate_hz=16000, encoding=captions_pb2.LINEAR16
+    )
     r2 = stack.stub.Caption(captions_pb2.CaptionRequest(raw_audio=raw), timeout=60)
     assert types_in_caption(r2.text) == ["white_noise"], r2.text
 
@@ -143,8 +165,10 @@ def test_batch_caption_one_garbage_item_fails_alone(stack: LiveStack) -> None:
     items = [
         captions_pb2.CaptionRequest(encoded_audio=wav_bytes(tone), request_id="tone"),
         captions_pb2.CaptionRequest(encoded_audio=b"\x00garbage, not an audio file" * 10, request_id="junk"),
-        captions_pb2.CaptionRequest(raw_audio=captions_pb2.RawAudio(
-            data=float_to_pcm16_bytes(noise), sample_rate_hz=16000), request_id="noise"),
+        captions_pb2.CaptionRequest(
+            raw_audio=captions_pb2.RawAudio(data=float_to_pcm16_bytes(noise), sample_rate_hz=16000),
+            request_id="noise",
+        ),
     ]
     resp = stack.stub.BatchCaption(captions_pb2.BatchCaptionRequest(items=items), timeout=120)
     assert [(r.index, r.request_id) for r in resp.results] == [(0, "tone"), (1, "junk"), (2, "noise")]

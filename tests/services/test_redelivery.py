@@ -36,16 +36,28 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 def register(client: redis.Redis, sid: str = SID) -> None:
     """What LiveGateway.create does in Redis."""
-    client.hset(keys.session_config(sid), mapping=settings_to_hash(SETTINGS) | {
-        "sample_rate": "16000", "encoding": "LINEAR16", "channels": "1", "language": ""})
+    client.hset(
+        keys.session_config(sid),
+        mapping=settings_to_hash(SETTINGS)
+        | {"sample_rate": "16000", "encoding": "LINEAR16", "channels": "1", "language": ""},
+    )
     client.zadd(keys.ACTIVE_SESSIONS, {sid: int(time.time() * 1000)})
 
 
 def messages(n: int, hidden: int, seed: int = 0) -> list[TokenMessage]:
     """n publications of 10 final tokens each (20 s for n = 10), the last one ending the stream."""
     g = torch.Generator().manual_seed(seed)
-    return [TokenMessage(seq=s, token_start=PER_PUB * (s - 1), tokens=torch.randn(PER_PUB, hidden, generator=g),
-                         num_final=PER_PUB, stream_seconds=2.0 * s, end_of_stream=s == n) for s in range(1, n + 1)]
+    return [
+        TokenMessage(
+            seq=s,
+            token_start=PER_PUB * (s - 1),
+            tokens=torch.randn(PER_PUB, hidden, generator=g),
+            num_final=PER_PUB,
+            stream_seconds=2.0 * s,
+            end_of_stream=s == n,
+        )
+        for s in range(1, n + 1)
+    ]
 
 
 def planned(msgs: list[TokenMessage]) -> list[tuple[int, int, float, float, bool]]:
@@ -53,8 +65,10 @@ def planned(msgs: list[TokenMessage]) -> list[tuple[int, int, float, float, bool
     out = []
     for m in msgs:
         sched.ingest(m)
-        out += [(p.segment_id, p.revision, p.window_start_seconds, p.window_end_seconds, p.is_final)
-                for p in sched.plan(m)]
+        out += [
+            (p.segment_id, p.revision, p.window_start_seconds, p.window_end_seconds, p.is_final)
+            for p in sched.plan(m)
+        ]
     return out
 
 
@@ -71,12 +85,23 @@ class Publisher:
 
 
 def events(client: redis.Redis, sid: str = SID) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(keys.session_captions(sid))]
+    return [
+        {k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(keys.session_captions(sid))
+    ]
 
 
 def caption_rows(evs: list[dict[str, str]]) -> list[tuple[int, int, float, float, bool]]:
-    return [(int(e["segment_id"]), int(e["revision"]), float(e["window_start"]), float(e["window_end"]),
-             e["is_final"] == "1") for e in evs if e.get("type", "caption") == "caption"]
+    return [
+        (
+            int(e["segment_id"]),
+            int(e["revision"]),
+            float(e["window_start"]),
+            float(e["window_end"]),
+            e["is_final"] == "1",
+        )
+        for e in evs
+        if e.get("type", "caption") == "caption"
+    ]
 
 
 def run_until(worker: LMWorker, done: Callable[[], bool], what: str) -> None:
@@ -103,7 +128,9 @@ def ended(client: redis.Redis) -> Callable[[], bool]:
     return lambda: any(e.get("type") == "end" for e in events(client))
 
 
-def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(client: redis.Redis, engine: SimpleEngine) -> None:
+def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
+    client: redis.Redis, engine: SimpleEngine
+) -> None:
     register(client)
     msgs = messages(10, engine.hidden_size)
     pub = Publisher(client)
@@ -142,13 +169,17 @@ def test_redelivery_of_an_entry_read_by_the_same_worker_is_applied_once(
     w = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS)
     w.adopt_free_sessions()
     pub(*msgs[:3])
-    w.streams.read_group(GROUP, "w1", {keys.session_tokens(SID): ">"}, count=2, block_ms=None)  # seq 1, 2 pending
+    w.streams.read_group(
+        GROUP, "w1", {keys.session_tokens(SID): ">"}, count=2, block_ms=None
+    )  # seq 1, 2 pending
     pub(*msgs[3:])
     run_until(w, ended(client), "the end of the session")
     assert caption_rows(events(client)) == planned(msgs)
 
 
-def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(client: redis.Redis, engine: SimpleEngine) -> None:
+def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(
+    client: redis.Redis, engine: SimpleEngine
+) -> None:
     register(client)
     msgs = messages(5, engine.hidden_size, seed=2)
     pub = Publisher(client)
@@ -176,8 +207,16 @@ def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
     msgs = messages(6, engine.hidden_size, seed=3)
     other = encode_tokens("someone-else", messages(1, engine.hidden_size)[0])
     pub = Publisher(client)
-    ids = pub(msgs[0], msgs[1], {PAYLOAD_FIELD: b"\xff\xfe garbage \x00\x01"}, msgs[2],
-              {PAYLOAD_FIELD: other}, msgs[3], msgs[4], msgs[5])
+    ids = pub(
+        msgs[0],
+        msgs[1],
+        {PAYLOAD_FIELD: b"\xff\xfe garbage \x00\x01"},
+        msgs[2],
+        {PAYLOAD_FIELD: other},
+        msgs[3],
+        msgs[4],
+        msgs[5],
+    )
     w = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS)
     run_until(w, ended(client), "the end of the session")
 
@@ -218,7 +257,8 @@ class FlakyEngine:
 
 
 def test_an_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(
-        client: redis.Redis, engine: SimpleEngine) -> None:
+    client: redis.Redis, engine: SimpleEngine
+) -> None:
     register(client)
     msgs = messages(4, engine.hidden_size, seed=7)
     publish = Publisher(client)

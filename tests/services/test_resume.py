@@ -64,13 +64,17 @@ def first_connection(stack: LiveStack, chunks: list[bytes], min_captions: int = 
 def caption_stream(redis_url: str, sid: str) -> list[tuple[str, dict[str, str]]]:
     client = redis.Redis.from_url(redis_url)
     try:
-        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()})
-                for i, f in client.xrange(keys.session_captions(sid))]
+        return [
+            (i.decode(), {k.decode(): v.decode() for k, v in f.items()})
+            for i, f in client.xrange(keys.session_captions(sid))
+        ]
     finally:
         client.close()
 
 
-def test_resume_replays_exactly_the_missed_events_and_audio_continues(stack: LiveStack, audio: np.ndarray) -> None:
+def test_resume_replays_exactly_the_missed_events_and_audio_continues(
+    stack: LiveStack, audio: np.ndarray
+) -> None:
     chunks = pcm_chunks(audio)
     sid, seen = first_connection(stack, chunks)
     time.sleep(0.5)  # events keep being made for the audio already sent while the client is away
@@ -105,29 +109,38 @@ def test_resume_replays_exactly_the_missed_events_and_audio_continues(stack: Liv
     # Same content as stored, in order.
     stored_caps = [f for _, f in stored[cut + 1 :] if f.get("type", "caption") == "caption"]
     assert [(c.segment_id, c.revision, c.text, c.is_final) for c in rest.captions] == [
-        (int(f["segment_id"]), int(f["revision"]), f["text"], f["is_final"] == "1") for f in stored_caps]
+        (int(f["segment_id"]), int(f["revision"]), f["text"], f["is_final"] == "1") for f in stored_caps
+    ]
 
     # The audio continued seamlessly: 20 s, two final segments.
     assert rest.ended.total_audio_seconds == pytest.approx(20.0, abs=0.05)
     finals = [f for _, f in stored if f.get("is_final") == "1"]
     assert [(f["segment_id"], float(f["window_start"]), float(f["window_end"])) for f in finals] == [
-        ("0", 0.0, 10.0), ("1", 10.0, 20.0)], stored
+        ("0", 0.0, 10.0),
+        ("1", 10.0, 20.0),
+    ], stored
     assert "high_tone" in types_in_caption(finals[0]["text"]), finals
     assert "white_noise" in types_in_caption(finals[1]["text"]), finals
     pairs = [(f["segment_id"], f["revision"]) for _, f in stored if f.get("type", "caption") == "caption"]
     assert len(pairs) == len(set(pairs)), stored
 
 
-def test_resending_already_received_chunks_after_resume_is_harmless(stack: LiveStack, audio: np.ndarray) -> None:
+def test_resending_already_received_chunks_after_resume_is_harmless(
+    stack: LiveStack, audio: np.ndarray
+) -> None:
     """A client that does not look at last_seq and re-sends from seq 1: duplicates are dropped."""
     chunks = pcm_chunks(audio)
     sid, seen = first_connection(stack, chunks, min_captions=1)
-    reqs = [config(session_id=sid, resume_after_event_id=seen[-1])] + [audio_req(d, i + 1) for i, d in enumerate(chunks)]
+    reqs = [config(session_id=sid, resume_after_event_id=seen[-1])] + [
+        audio_req(d, i + 1) for i, d in enumerate(chunks)
+    ]
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=STREAM_TIMEOUT_S))
     assert res.error is None, f"{res.error}\n{res.table()}"
     assert res.ended.total_audio_seconds == pytest.approx(20.0, abs=0.05), res.table()
     assert [(c.segment_id, c.window_start_seconds, c.window_end_seconds) for c in res.finals] == [
-        (0, 0.0, 10.0), (1, 10.0, 20.0)], res.table()
+        (0, 0.0, 10.0),
+        (1, 10.0, 20.0),
+    ], res.table()
 
 
 def test_resume_with_session_id_only_replays_everything(stack: LiveStack, audio: np.ndarray) -> None:
@@ -171,20 +184,30 @@ def test_old_call_ending_after_a_resume_does_not_reap_the_resumed_session(
 
 
 def test_resume_unknown_session_is_not_found(stack: LiveStack) -> None:
-    res = collect(stack.stub.StreamCaptions(iter([config(session_id="nope", resume_after_event_id="1-0")]),
-                                            timeout=STREAM_TIMEOUT_S))
+    res = collect(
+        stack.stub.StreamCaptions(
+            iter([config(session_id="nope", resume_after_event_id="1-0")]), timeout=STREAM_TIMEOUT_S
+        )
+    )
     assert res.error is not None and res.error.code() == grpc.StatusCode.NOT_FOUND, res.error
     assert "nope" in res.error.details()
-    ok = collect(stack.stub.StreamCaptions(iter([config(), audio_req(b"\x00\x00" * 16000, 1)]),
-                                           timeout=STREAM_TIMEOUT_S))
+    ok = collect(
+        stack.stub.StreamCaptions(
+            iter([config(), audio_req(b"\x00\x00" * 16000, 1)]), timeout=STREAM_TIMEOUT_S
+        )
+    )
     assert ok.error is None and ok.kinds()[-1] == "ended"
     assert captions_pb2.SessionEnded.CLIENT_CLOSED == ok.ended.reason
 
 
-def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(stack: LiveStack, audio: np.ndarray) -> None:
+def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(
+    stack: LiveStack, audio: np.ndarray
+) -> None:
     chunks = pcm_chunks(audio)
     feeder = Feeder()
-    feeder.put(config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks)], control(captions_pb2.Control.FINALIZE))
+    feeder.put(
+        config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks)], control(captions_pb2.Control.FINALIZE)
+    )
     call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
     sid = next(call).started.session_id
     seen: list[str] = []
@@ -204,13 +227,16 @@ def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(stack: Live
     call.cancel()
     feeder.close()
 
-    res = collect(stack.stub.StreamCaptions(iter([config(session_id=sid, resume_after_event_id=seen[-1])]),
-                                            timeout=STREAM_TIMEOUT_S))
+    res = collect(
+        stack.stub.StreamCaptions(
+            iter([config(session_id=sid, resume_after_event_id=seen[-1])]), timeout=STREAM_TIMEOUT_S
+        )
+    )
     assert res.error is None, f"{res.error}\n{res.table()}"
     assert res.started.resumed and res.kinds()[-1] == "ended", res.table()
     stored = caption_stream(stack.redis_url, sid)
     ids = [i for i, f in stored if f.get("type", "caption") == "caption"]
-    assert [c.event_id for c in res.captions] == ids[ids.index(seen[-1]) + 1:], res.table()
+    assert [c.event_id for c in res.captions] == ids[ids.index(seen[-1]) + 1 :], res.table()
     assert [(c.segment_id, c.window_end_seconds) for c in res.finals][-1] == (1, 20.0), res.table()
 
     # It takes no more audio (asked of the gateway directly: over the stream, the replay of the

@@ -19,8 +19,14 @@ def run(window: float, hop: float, seconds: int) -> list[tuple[int, int, int, in
         end = total == seconds * 5
         final = total if end else total // 50 * 50  # an encoder window closes every ~50 tokens
         seq += 1
-        msg = TokenMessage(seq=seq, token_start=published, tokens=torch.randn(total - published, 3),
-                           num_final=final - published, stream_seconds=total / 5, end_of_stream=end)
+        msg = TokenMessage(
+            seq=seq,
+            token_start=published,
+            tokens=torch.randn(total - published, 3),
+            num_final=final - published,
+            stream_seconds=total / 5,
+            end_of_stream=end,
+        )
         sched.ingest(msg)
         for p in sched.plan(msg):
             assert sched.window(p.start_token, p.end_token).shape[0] == p.end_token - p.start_token

@@ -41,9 +41,27 @@ class LMProcess:
         self.log = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "lm", "--listen", "127.0.0.1:0", "--redis-url", redis_url,
-             "--workers", "1", "--worker-id", worker_id, "--device", "cpu"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "services",
+                "lm",
+                "--listen",
+                "127.0.0.1:0",
+                "--redis-url",
+                redis_url,
+                "--workers",
+                "1",
+                "--worker-id",
+                worker_id,
+                "--device",
+                "cpu",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            start_new_session=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.ready = threading.Event()
@@ -137,7 +155,10 @@ def test_sigkill_of_the_lease_holder_loses_nothing_and_shows_nothing_twice(
     assert len(ids) == len(set(ids))
     finals = res.finals
     assert [(c.segment_id, c.window_start_seconds, c.window_end_seconds) for c in finals] == [
-        (0, 0.0, 10.0), (1, 10.0, 20.0), (2, 20.0, 30.0)], res.table()
+        (0, 0.0, 10.0),
+        (1, 10.0, 20.0),
+        (2, 20.0, 30.0),
+    ], res.table()
     for c in res.captions:  # revisions of a segment keep counting up across the takeover
         same = [d.revision for d in res.captions if d.segment_id == c.segment_id]
         assert same == list(range(len(same))), res.table()

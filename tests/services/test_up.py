@@ -38,9 +38,15 @@ class Up:
         env["PYTHONUNBUFFERED"] = "1"
         self._log = log.open("w")
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "services", "up", "--port", "0", "--device", "cpu"],
-                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services", "up", "--port", "0", "--device", "cpu"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            start_new_session=True,
+        )
         self.pgid = os.getpgid(self.proc.pid)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
@@ -60,7 +66,8 @@ class Up:
             left = deadline - time.monotonic()
             assert left > 0 and self.proc.poll() is None, (
                 f"no {pattern.pattern!r} (exit {self.proc.poll()}):\n{''.join(self.stdout)}\n"
-                f"{self.log.read_text()[-3000:]}")
+                f"{self.log.read_text()[-3000:]}"
+            )
             try:
                 line = self.lines.get(timeout=min(left, 1.0))
             except queue.Empty:
@@ -124,8 +131,25 @@ def test_up_serves_a_stream_and_stops_cleanly_on_sigint(up: Up, wav: Path) -> No
     assert not gateway.endswith(":0")
     assert wait_healthy(gateway, "midasheng.v1.CaptionService", timeout=10)
 
-    out = subprocess.run([sys.executable, "-m", "services", "stream", str(wav), "--server", gateway, "--speed", "0",
-                          "--timeout", "120"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services",
+            "stream",
+            str(wav),
+            "--server",
+            gateway,
+            "--speed",
+            "0",
+            "--timeout",
+            "120",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     finals = [ln for ln in lines if "(final)" in ln]

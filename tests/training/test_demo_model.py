@@ -17,7 +17,9 @@ MODEL_CARD_SEEDS = ("--seed 1", "--seed 2")
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("heldout"), n_clips=200, seed=HELD_OUT_SEED, progress=False)
+    return generate_dataset(
+        tmp_path_factory.mktemp("heldout"), n_clips=200, seed=HELD_OUT_SEED, progress=False
+    )
 
 
 def test_demo_model_is_the_default_and_small() -> None:
@@ -29,7 +31,9 @@ def test_demo_model_is_the_default_and_small() -> None:
     card = (DEMO_MODEL_DIR / "README.md").read_text()
     assert "not MiDashengLM-7B" in card
     assert all(seed in card for seed in MODEL_CARD_SEEDS)  # the card holds the exact training command
-    assert HELD_OUT_SEED != 1 and str(HELD_OUT_SEED) not in card.split("midasheng train", 1)[-1].split("\n")[0]
+    assert (
+        HELD_OUT_SEED != 1 and str(HELD_OUT_SEED) not in card.split("midasheng train", 1)[-1].split("\n")[0]
+    )
     load_model(None)  # loads in the published layout
 
 

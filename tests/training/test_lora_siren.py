@@ -21,7 +21,11 @@ SIREN_MIX = ["siren", "pink_noise", "white_noise", "silence", "low_tone"]
 def siren_recall(model, processor, rows) -> float:  # type: ignore[no-untyped-def]
     preds = caption_rows(model, processor, rows, batch_size=32)
     refs = [r.prediction for r in rows]
-    hits = sum("siren" in types_in_caption(p) for p, r in zip(preds, refs, strict=True) if "siren" in types_in_caption(r))
+    hits = sum(
+        "siren" in types_in_caption(p)
+        for p, r in zip(preds, refs, strict=True)
+        if "siren" in types_in_caption(r)
+    )
     return hits / sum("siren" in types_in_caption(r) for r in refs)
 
 
@@ -32,8 +36,9 @@ def test_lora_teaches_the_demo_model_a_siren(tmp_path: Path) -> None:
         generate_dataset(tmp_path / "mix", 240, seed=21, types=[*DEFAULT_TYPES, "siren"], progress=False),
         generate_dataset(tmp_path / "siren", 120, seed=22, types=SIREN_MIX, progress=False),
     )
-    siren_eval, _ = read_dataset(generate_dataset(tmp_path / "siren_eval", 60, seed=23, types=SIREN_MIX,
-                                                  progress=False))
+    siren_eval, _ = read_dataset(
+        generate_dataset(tmp_path / "siren_eval", 60, seed=23, types=SIREN_MIX, progress=False)
+    )
     siren_eval = [r for r in siren_eval if "siren" in types_in_caption(r.prediction)]
     known_eval, _ = read_dataset(generate_dataset(tmp_path / "known_eval", 120, seed=24, progress=False))
     assert len(siren_eval) >= 20
@@ -43,17 +48,32 @@ def test_lora_teaches_the_demo_model_a_siren(tmp_path: Path) -> None:
     before = siren_recall(base, processor, siren_eval)
     assert before <= 0.05  # the demo model never heard a siren
 
-    cfg = config_from_args(data=train, out=tmp_path / "run", model="demo", method="lora", lora_rank=16,
-                           lora_alpha=32, lora_dropout=0.0, learning_rate=2e-3, warmup_steps=10, max_steps=300,
-                           batch_size=8, eval_fraction=0.0, progress=False, device="cpu", seed=5)
+    cfg = config_from_args(
+        data=train,
+        out=tmp_path / "run",
+        model="demo",
+        method="lora",
+        lora_rank=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        learning_rate=2e-3,
+        warmup_steps=10,
+        max_steps=300,
+        batch_size=8,
+        eval_fraction=0.0,
+        progress=False,
+        device="cpu",
+        seed=5,
+    )
     assert cfg.lora_targets == DEFAULT_LORA_TARGETS  # encoder qkv/proj, projector, decoder projections
     result = Trainer(cfg).train()
     assert result["status"] == "succeeded"
 
     tuned = load_with_adapter(None, result["adapter"])
     after = siren_recall(tuned, processor, siren_eval)
-    known = corpus_scores(caption_rows(tuned, processor, known_eval, batch_size=32),
-                          [r.prediction for r in known_eval])
+    known = corpus_scores(
+        caption_rows(tuned, processor, known_eval, batch_size=32), [r.prediction for r in known_eval]
+    )
     print(f"siren recall {before:.2f} -> {after:.2f}; known types {known}")
     assert after >= 0.80, after
     assert known["exact_match"] >= 0.85, known
@@ -62,4 +82,6 @@ def test_lora_teaches_the_demo_model_a_siren(tmp_path: Path) -> None:
     merged = load_model(result["merged"])
     assert set(merged.state_dict()) == set(base.state_dict())
     with torch.inference_mode():
-        assert caption_rows(merged, processor, siren_eval[:8]) == caption_rows(tuned, processor, siren_eval[:8])
+        assert caption_rows(merged, processor, siren_eval[:8]) == caption_rows(
+            tuned, processor, siren_eval[:8]
+        )

@@ -38,7 +38,13 @@ def test_card_documents_synth_and_train() -> None:
 def test_documented_command_retrains_from_scratch(tmp_path: Path) -> None:
     t0 = time.monotonic()
     for cmd in documented_commands():
-        args = [sys.executable, "-m", "services", *cmd[1:], *(["--quiet"] if cmd[1] in ("train", "synth") else [])]
+        args = [
+            sys.executable,
+            "-m",
+            "services",
+            *cmd[1:],
+            *(["--quiet"] if cmd[1] in ("train", "synth") else []),
+        ]
         res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=TIME_LIMIT_S)
         assert res.returncode == 0, (cmd, res.stderr[-2000:])
     elapsed = time.monotonic() - t0

@@ -53,9 +53,27 @@ def test_bad_rows_are_reported_with_row_numbers(small_data: Path, tmp_path: Path
 def test_train_cli_fails_on_bad_rows_when_asked(small_data: Path, tmp_path: Path) -> None:
     bad = _bad_csv(tmp_path, small_data)
     res = subprocess.run(
-        [sys.executable, "-m", "services", "train", "--data", str(bad), "--config", "tiny", "--out",
-         str(tmp_path / "run"), "--max-steps", "1", "--on-bad-rows", "fail", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "services",
+            "train",
+            "--data",
+            str(bad),
+            "--config",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--on-bad-rows",
+            "fail",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 2
     assert "row 2" in res.stderr and "row 3" in res.stderr
@@ -78,9 +96,21 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent() -> None:
 
 
 def _cfg(data: Path, out: Path, **kw: object):  # type: ignore[no-untyped-def]
-    base = dict(data=data, out=out, architecture="tiny", max_steps=6, batch_size=4, learning_rate=3e-3,
-                warmup_steps=2, eval_fraction=0.1, eval_samples=2, checkpoint_every=3, progress=False,
-                device="cpu", seed=3)
+    base = dict(
+        data=data,
+        out=out,
+        architecture="tiny",
+        max_steps=6,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        eval_fraction=0.1,
+        eval_samples=2,
+        checkpoint_every=3,
+        progress=False,
+        device="cpu",
+        seed=3,
+    )
     base.update(kw)
     return config_from_args(**base)
 
@@ -118,8 +148,17 @@ def test_resume_continues_exactly(small_data: Path, tmp_path: Path) -> None:
 
 def test_lora_adapter_saves_reloads_and_merges(small_data: Path, tmp_path: Path) -> None:
     base = Trainer(_cfg(small_data, tmp_path / "base", max_steps=2)).train()["model"]
-    trainer = Trainer(_cfg(small_data, tmp_path / "lora", model=base, architecture=None, method="lora",
-                           lora_rank=4, max_steps=3))
+    trainer = Trainer(
+        _cfg(
+            small_data,
+            tmp_path / "lora",
+            model=base,
+            architecture=None,
+            method="lora",
+            lora_rank=4,
+            max_steps=3,
+        )
+    )
     result = trainer.train()
     # A pretrained model's input BatchNorm keeps its running statistics (the adapter stores none).
     bn, base_bn = trainer.base_model.audio_encoder.init_bn, load_model(base).audio_encoder.init_bn

@@ -34,11 +34,21 @@ def deliver(sc: StreamClient, seq: int) -> str:
     return entry.id
 
 
-def apply(client: redis.Redis, entry_id: str, seq: int, owner: str = "w1", maxlen: int = 100,
-          **kw: Any) -> tuple[ApplyStatus, list[str]]:
+def apply(
+    client: redis.Redis, entry_id: str, seq: int, owner: str = "w1", maxlen: int = 100, **kw: Any
+) -> tuple[ApplyStatus, list[str]]:
     return apply_once(
-        client, lease_key=LEASE, owner=owner, state_key=STATE, seq=seq, ack_stream=TOKENS, group=GROUP,
-        entry_id=entry_id, outputs=[(CAPTIONS, {"text": f"caption {seq}", "seq": seq}, maxlen)], ttl_s=60, **kw,
+        client,
+        lease_key=LEASE,
+        owner=owner,
+        state_key=STATE,
+        seq=seq,
+        ack_stream=TOKENS,
+        group=GROUP,
+        entry_id=entry_id,
+        outputs=[(CAPTIONS, {"text": f"caption {seq}", "seq": seq}, maxlen)],
+        ttl_s=60,
+        **kw,
     )
 
 
@@ -61,7 +71,9 @@ def test_applied_once_then_duplicates_are_acked_without_output(sc: StreamClient,
     assert client.hget(STATE, "last_seq") == b"7"
 
 
-def test_lease_lost_writes_nothing_and_leaves_the_entry_pending(sc: StreamClient, client: redis.Redis) -> None:
+def test_lease_lost_writes_nothing_and_leaves_the_entry_pending(
+    sc: StreamClient, client: redis.Redis
+) -> None:
     client.set(LEASE, "w2", px=10_000)  # another worker took the session over
     entry_id = deliver(sc, 1)
     assert apply(client, entry_id, 1, owner="w1") == (ApplyStatus.LEASE_LOST, [])
@@ -80,8 +92,16 @@ def test_outputs_are_capped_and_drops_counted(sc: StreamClient, client: redis.Re
 
 def test_several_outputs_and_bad_arguments(sc: StreamClient, client: redis.Redis) -> None:
     status, ids = apply_once(
-        client, lease_key=LEASE, owner="w1", state_key=STATE, seq=1, ack_stream=TOKENS, group=GROUP,
-        entry_id=deliver(sc, 1), outputs=[(CAPTIONS, {"a": 1}, 10), ("mdl:other", {"b": b"2"}, 10)], ttl_s=60,
+        client,
+        lease_key=LEASE,
+        owner="w1",
+        state_key=STATE,
+        seq=1,
+        ack_stream=TOKENS,
+        group=GROUP,
+        entry_id=deliver(sc, 1),
+        outputs=[(CAPTIONS, {"a": 1}, 10), ("mdl:other", {"b": b"2"}, 10)],
+        ttl_s=60,
     )
     assert status == ApplyStatus.APPLIED and len(ids) == 2
     assert client.xrange("mdl:other")[0][0].decode() == ids[1]

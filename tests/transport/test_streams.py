@@ -125,13 +125,19 @@ def test_redelivered_too_often_goes_to_dead_letters(sc: StreamClient, client: re
     assert pending_ids(client) == []
     [(dl_id, record)] = client.xrange(DEAD_LETTERS)
     assert record == {
-        b"stream": STREAM.encode(), b"id": entry_id.encode(), b"group": GROUP.encode(),
-        b"reason": b"exceeded 3 deliveries", b"deliveries": b"4", b"f:payload": b"crashes the worker",
+        b"stream": STREAM.encode(),
+        b"id": entry_id.encode(),
+        b"group": GROUP.encode(),
+        b"reason": b"exceeded 3 deliveries",
+        b"deliveries": b"4",
+        b"f:payload": b"crashes the worker",
     }
     assert sc.counters()["deadletters"] == 1
 
 
-def test_fail_poison_dead_letters_at_once_and_plain_fail_retries(sc: StreamClient, client: redis.Redis) -> None:
+def test_fail_poison_dead_letters_at_once_and_plain_fail_retries(
+    sc: StreamClient, client: redis.Redis
+) -> None:
     c = Consumer(sc, STREAM, GROUP, "c", DEFAULTS)
     bad = sc.add(STREAM, {"json": b"{not json"}, maxlen=100)
     flaky = sc.add(STREAM, {"json": b"{}"}, maxlen=100)
@@ -157,7 +163,11 @@ def test_parse_autoclaim_redis7_three_element_reply() -> None:
     reply = [b"0-0", [[b"1-0", [b"k", b"v", b"n", b"1"]]], [b"2-0", b"4-0"]]
     assert parse_autoclaim("s", reply) == ("0-0", [Entry("s", "1-0", {"k": b"v", "n": b"1"})], ["2-0", "4-0"])
     # decode_responses=True clients hand back text; values stay bytes in an Entry.
-    assert parse_autoclaim("s", ["0-0", [["1-0", ["k", "v"]]], []]) == ("0-0", [Entry("s", "1-0", {"k": b"v"})], [])
+    assert parse_autoclaim("s", ["0-0", [["1-0", ["k", "v"]]], []]) == (
+        "0-0",
+        [Entry("s", "1-0", {"k": b"v"})],
+        [],
+    )
     with pytest.raises(ValueError, match="expected 2"):
         parse_autoclaim("s", [b"0-0"])
 
