@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from encoder_service.batcher import EncoderBatcher  # noqa: E402
 from encoder_service.sessions import EncoderSessions  # noqa: E402
+from services.constants import SAMPLE_RATE
 from services.model.checkpoint import load_model  # noqa: E402
 
 CHUNK = 1600  # samples, 100 ms
@@ -37,7 +38,7 @@ def run(model, sessions: int, seconds: float, max_batch: int) -> float:  # type:
     batcher.start()
     enc = EncoderSessions(model, batcher, lambda sid, payload: published.append(len(payload)))
     rng = np.random.default_rng(0)
-    audio = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+    audio = (0.1 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
     for i in range(sessions):
         enc.open(f"s{i}", 2.0)
 

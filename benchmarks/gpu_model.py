@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.constants import SAMPLE_RATE
 from services.model.checkpoint import build_model  # noqa: E402
 from services.model.config import real_7b_config, tiny_config  # noqa: E402
 from services.model.modeling import CACHE_KW  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    n = int(args.seconds * 16000)
+    n = int(args.seconds * SAMPLE_RATE)
     audio = torch.randn(1, n, device=device) * 0.1
     lengths = torch.tensor([n], device=device)
     n_tok = model.token_count(n)

@@ -12,22 +12,47 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 
 from encoder_service.batcher import EncoderBatcher
 from services import metrics
-from services.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.constants import DEFAULT_HOP_SECONDS, ENCODER_WINDOW_SECONDS, SAMPLE_RATE
+from services.errors import ConfigError, InvalidArgument, NotFound, ResourceExhausted
 from services.model.modeling import MiDashengLM
-from services.streaming.codec import TokenMessage, encode_tokens
 from services.streaming.encoder import StreamingEncoderSession, TokenUpdate
+from services.wire.tokens import TokenMessage, encode_tokens
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16000  # Hz
-DEFAULT_EMIT_SECONDS = 2.0
-MAX_PUSH_SAMPLES = 16000 * 10  # one push holds at most 10 s of audio
+DEFAULT_EMIT_SECONDS = DEFAULT_HOP_SECONDS
+MAX_PUSH_SAMPLES = SAMPLE_RATE * 10  # one push holds at most 10 s of audio
 BATCH_TIMEOUT_S = 30.0  # longest wait for the device
+
+
+@dataclass(frozen=True)
+class EncoderLimits:
+    """What one encoder service holds and how it batches."""
+
+    ENV_GROUP: ClassVar[str] = "ENCODER"
+
+    max_sessions: Annotated[int, "streaming sessions held at once"] = 256
+    max_batch: Annotated[int, "encoder windows per device batch"] = 32
+    max_wait_ms: Annotated[float, "ms the batcher waits to fill a batch"] = 5.0
+    max_queue: Annotated[int, "submissions waiting for the device before RESOURCE_EXHAUSTED"] = 256
+    idle_seconds: Annotated[float, "s without audio after which a session is flushed and closed"] = 300.0
+
+    def __post_init__(self) -> None:
+        if (
+            min(self.max_sessions, self.max_batch, self.max_queue) < 1
+            or self.max_wait_ms < 0
+            or self.idle_seconds <= 0
+        ):
+            raise ConfigError(
+                "EncoderLimits: max_sessions, max_batch and max_queue must be >= 1, max_wait_ms >= 0, idle_seconds > 0."
+            )
+
 
 Publisher = Callable[[str, bytes], None]  # (session id, serialized AudioTokens)
 
@@ -90,8 +115,10 @@ class EncoderSessions:
         if not sid:
             raise InvalidArgument("session_id is required")
         emit = emit_seconds or DEFAULT_EMIT_SECONDS
-        if not 0.2 <= emit <= 10.08:
-            raise InvalidArgument(f"emit_interval_seconds must be within [0.2, 10.08], got {emit}")
+        if not 0.2 <= emit <= ENCODER_WINDOW_SECONDS:
+            raise InvalidArgument(
+                f"emit_interval_seconds must be within [0.2, {ENCODER_WINDOW_SECONDS}], got {emit}"
+            )
         with self._lock:
             st = self._sessions.get(sid)
             if st is not None and not st.closed:

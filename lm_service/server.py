@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
@@ -13,30 +12,26 @@ import grpc
 import numpy as np
 import redis
 
-from lm_service.engine import SimpleEngine, adapter_loader_from_dir
-from lm_service.worker import LMWorker
+from lm_service.engines import make_engine
+from lm_service.engines.base import CaptionEngine, CaptionResult, FinishReason
+from lm_service.offline import Captioner
+from lm_service.worker import LMWorker, WorkerLimits
 from services import rpc
 from services.audio.io import decode_audio
 from services.audio.pcm import pcm_to_mono16k
-from services.captioner import pick_device
+from services.constants import DEFAULT_OFFLINE_MAX_NEW_TOKENS, DEFAULT_PROMPT, SAMPLE_RATE
 from services.errors import InvalidArgument
-from services.metrics import serve_metrics
-from services.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
+from services.model.adapters import AdapterResolver, adapters_in_dir
 from services.model.generation import GenerationOptions
-from services.model.processor import DEFAULT_PROMPT, MiDashengProcessor, prepare_audio
+from services.model.loading import load_pretrained
 from services.pb.midasheng.v1 import captions_pb2, lm_pb2, lm_pb2_grpc
-from services.runtime import redis_url_from, wait_for_shutdown
 from services.transport.keys import TransportDefaults
+from services.wire.settings import encoding_from_pb
 
 log = logging.getLogger(__name__)
-SERVICE = "midasheng.v1.LMService"
+SERVICE = lm_pb2.DESCRIPTOR.services_by_name["LMService"].full_name
 MAX_BATCH_ITEMS = 64
 MAX_CLIP_SECONDS = 300.0
-ENCODING_NAMES = {
-    captions_pb2.LINEAR16: "LINEAR16",
-    captions_pb2.FLOAT32: "FLOAT32",
-    captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16",
-}
 
 
 def request_audio(req: captions_pb2.CaptionRequest) -> np.ndarray:
@@ -47,23 +42,22 @@ def request_audio(req: captions_pb2.CaptionRequest) -> np.ndarray:
     elif which == "raw_audio":
         raw = req.raw_audio
         audio = pcm_to_mono16k(
-            raw.data, raw.sample_rate_hz or 16000, ENCODING_NAMES.get(raw.encoding, "?"), raw.channels or 1
+            raw.data, raw.sample_rate_hz or SAMPLE_RATE, encoding_from_pb(raw.encoding), raw.channels or 1
         )
         if audio.size == 0:
             raise InvalidArgument("raw_audio is empty")
     else:
         raise InvalidArgument("CaptionRequest needs encoded_audio or raw_audio")
-    if audio.size > MAX_CLIP_SECONDS * 16000:
+    if audio.size > MAX_CLIP_SECONDS * SAMPLE_RATE:
         raise InvalidArgument(
-            f"clips longer than {MAX_CLIP_SECONDS:.0f} s are not captioned whole; "
-            "stream them or caption segments"
+            f"clips longer than {MAX_CLIP_SECONDS:.0f} s are not captioned whole; stream them or caption segments"
         )
     return audio
 
 
-def options_from(pb: captions_pb2.GenerationOptions, default_max: int = 64) -> GenerationOptions:
+def options_from(pb: captions_pb2.GenerationOptions) -> GenerationOptions:
     opts = GenerationOptions(
-        max_new_tokens=pb.max_new_tokens or default_max,
+        max_new_tokens=pb.max_new_tokens or DEFAULT_OFFLINE_MAX_NEW_TOKENS,
         temperature=pb.temperature,
         top_p=pb.top_p or 1.0,
         seed=pb.seed if pb.HasField("seed") else None,
@@ -72,74 +66,108 @@ def options_from(pb: captions_pb2.GenerationOptions, default_max: int = 64) -> G
     return opts
 
 
+def response_pb(
+    req: captions_pb2.CaptionRequest,
+    result: CaptionResult,
+    audio: np.ndarray,
+    decode_ms: float,
+    generate_ms: float,
+) -> captions_pb2.CaptionResponse:
+    stop = result.finish_reason is FinishReason.STOP
+    return captions_pb2.CaptionResponse(
+        text=result.text,
+        audio_seconds=audio.size / SAMPLE_RATE,
+        request_id=req.request_id,
+        adapter=req.adapter,
+        timings=captions_pb2.Timings(
+            decode_ms=decode_ms, generate_ms=generate_ms, total_ms=decode_ms + generate_ms
+        ),
+        finish_reason=captions_pb2.CaptionResponse.STOP if stop else captions_pb2.CaptionResponse.LENGTH,
+        generated_tokens=len(result.token_ids),
+    )
+
+
 @dataclass
 class LMServicer(lm_pb2_grpc.LMServiceServicer):
-    engine: SimpleEngine
+    engine: CaptionEngine
     workers: list[LMWorker] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
-    def _caption(self, req: captions_pb2.CaptionRequest) -> captions_pb2.CaptionResponse:
-        t0 = time.perf_counter()
-        audio = request_audio(req)
-        t1 = time.perf_counter()
-        opts = options_from(req.options)
-        ((text, n),) = self.engine.caption_audio(
-            [prepare_audio(audio)], req.prompt or DEFAULT_PROMPT, opts, req.adapter
-        )
-        t2 = time.perf_counter()
-        return captions_pb2.CaptionResponse(
-            text=text,
-            audio_seconds=audio.size / 16000,
-            request_id=req.request_id,
-            adapter=req.adapter,
-            timings=captions_pb2.Timings(
-                decode_ms=(t1 - t0) * 1e3, generate_ms=(t2 - t1) * 1e3, total_ms=(t2 - t0) * 1e3
-            ),
-            finish_reason=captions_pb2.CaptionResponse.LENGTH
-            if n >= opts.max_new_tokens
-            else captions_pb2.CaptionResponse.STOP,
-            generated_tokens=n,
-        )
+    def __post_init__(self) -> None:
+        self.captioner = Captioner(self.engine)
 
     @rpc.unary
-    def Caption(self, request, context):  # type: ignore[no-untyped-def]
-        return self._caption(request)
+    def Caption(
+        self, request: captions_pb2.CaptionRequest, context: grpc.ServicerContext
+    ) -> captions_pb2.CaptionResponse:
+        return self._batch([request])[0]  # type: ignore[return-value]
 
     @rpc.unary
-    def BatchCaption(self, request, context):  # type: ignore[no-untyped-def]
+    def BatchCaption(
+        self, request: captions_pb2.BatchCaptionRequest, context: grpc.ServicerContext
+    ) -> captions_pb2.BatchCaptionResponse:
         if len(request.items) > MAX_BATCH_ITEMS:
             raise InvalidArgument(f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
         t0 = time.perf_counter()
         results = []
-        for i, item in enumerate(request.items):
-            try:
+        for i, (item, out) in enumerate(
+            zip(request.items, self._batch(request.items, isolate=True), strict=True)
+        ):
+            if isinstance(out, captions_pb2.CaptionResponse):
                 results.append(
-                    captions_pb2.BatchCaptionResult(
-                        index=i, request_id=item.request_id, caption=self._caption(item)
-                    )
+                    captions_pb2.BatchCaptionResult(index=i, request_id=item.request_id, caption=out)
                 )
-            except Exception as e:  # one bad clip does not fail the batch
-                code = rpc.status_for(e)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("batch item %d failed", i)
-                results.append(
-                    captions_pb2.BatchCaptionResult(
-                        index=i,
-                        request_id=item.request_id,
-                        error=captions_pb2.ItemError(code=code.value[0], message=str(e)),
-                    )
-                )
+                continue
+            code = rpc.status_for(out)  # one bad clip does not fail the batch
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("batch item %d failed", i, exc_info=out)
+            error = captions_pb2.ItemError(code=code.value[0], message=str(out))
+            results.append(captions_pb2.BatchCaptionResult(index=i, request_id=item.request_id, error=error))
         return captions_pb2.BatchCaptionResponse(results=results, total_ms=(time.perf_counter() - t0) * 1e3)
 
+    def _batch(
+        self, items: list[captions_pb2.CaptionRequest], isolate: bool = False
+    ) -> list[captions_pb2.CaptionResponse | Exception]:
+        """Caption items together: decode every clip, then one pass through the engine per
+        (prompt, options, adapter). With ``isolate`` an item's error is returned in its place."""
+        out: list[captions_pb2.CaptionResponse | Exception] = [InvalidArgument("not captioned")] * len(items)
+        ready: dict[tuple[str, GenerationOptions, str], list[tuple[int, np.ndarray, float]]] = {}
+        for i, item in enumerate(items):
+            t0 = time.perf_counter()
+            try:
+                audio, opts = request_audio(item), options_from(item.options)
+            except Exception as e:
+                if not isolate:
+                    raise
+                out[i] = e
+                continue
+            key = (item.prompt or DEFAULT_PROMPT, opts, item.adapter)
+            ready.setdefault(key, []).append((i, audio, (time.perf_counter() - t0) * 1e3))
+        for (prompt, opts, adapter), group in ready.items():
+            t0 = time.perf_counter()
+            try:
+                results = self.captioner.caption_clips([a for _, a, _ in group], prompt, opts, adapter)
+            except Exception as e:
+                if not isolate:
+                    raise
+                for i, _, _ in group:
+                    out[i] = e
+                continue
+            per_item_ms = (time.perf_counter() - t0) * 1e3
+            for (i, audio, decode_ms), result in zip(group, results, strict=True):
+                out[i] = response_pb(items[i], result, audio, decode_ms, per_item_ms)
+        return out
+
     @rpc.unary
-    def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+    def GetStats(self, request: lm_pb2.GetStatsRequest, context: grpc.ServicerContext) -> lm_pb2.LMStats:
         elapsed = max(1e-6, time.monotonic() - self.started)
+        stats = self.engine.stats()
         return lm_pb2.LMStats(
             worker_id=",".join(w.worker_id for w in self.workers),
             sessions_leased=sum(len(w.sessions) for w in self.workers),
-            sessions_capacity=sum(w.max_sessions for w in self.workers),
-            tokens_per_second=self.engine.tokens_generated / elapsed,
-            adapters_loaded=list(self.engine._adapters),
+            sessions_capacity=sum(w.limits.max_sessions for w in self.workers),
+            tokens_per_second=stats.generated_tokens / elapsed,
+            adapters_loaded=stats.adapters_loaded,
         )
 
 
@@ -160,32 +188,39 @@ class LMServer:
             w.redis.close()
 
 
+def adapter_resolver(
+    model_dir: str | Path, adapters_dir: str | Path | None = None, registry_redis_url: str | None = None
+) -> AdapterResolver | None:
+    """Where adapters come from: the jobs registry in Redis, a directory, or nowhere."""
+    if registry_redis_url:  # the jobs service's registry
+        from services.jobs.store import adapters_in_registry
+
+        return adapters_in_registry(registry_redis_url, model_dir)
+    return adapters_in_dir(adapters_dir) if adapters_dir else None
+
+
 def build_engine(
     model_dir: str | None,
     device: str = "auto",
     dtype: str | None = None,
     adapters_dir: str | Path | None = None,
     adapters_redis_url: str | None = None,
-) -> SimpleEngine:
-    dev = pick_device(device)
-    path = resolve_model_dir(model_dir)
-    model = load_model(path, dtype=dtype or ("bfloat16" if dev.type == "cuda" else "float32"), device=dev)
-    processor = MiDashengProcessor(load_tokenizer(path), model.config)
-    loader = adapter_loader_from_dir(path, adapters_dir) if adapters_dir else None
-    if adapters_redis_url:  # the jobs service's registry: adapters load on first use (bounded cache)
-        from services.jobs.store import adapter_loader_from_registry
-
-        loader = adapter_loader_from_registry(adapters_redis_url, path)
-    return SimpleEngine(model, processor, adapter_loader=loader)
+    engine: str = "reference",
+    max_batch: int | None = None,
+) -> CaptionEngine:
+    loaded = load_pretrained(model_dir, device, dtype)
+    adapters = adapter_resolver(loaded.path, adapters_dir, adapters_redis_url)
+    return make_engine(engine, loaded, adapters=adapters, max_batch=max_batch)
 
 
 def start_lm_server(
-    engine: SimpleEngine,
+    engine: CaptionEngine,
     redis_url: str | None,
     address: str = "127.0.0.1:0",
     workers: int = 1,
     defaults: TransportDefaults | None = None,
     worker_prefix: str | None = None,
+    limits: WorkerLimits | None = None,
 ) -> LMServer:
     stop = threading.Event()
     lm_workers: list[LMWorker] = []
@@ -194,7 +229,7 @@ def start_lm_server(
         for i in range(workers):
             client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
             wid = f"{worker_prefix}-{i}" if worker_prefix else None
-            w = LMWorker(client, engine, worker_id=wid, defaults=defaults)
+            w = LMWorker(client, engine, worker_id=wid, defaults=defaults, limits=limits)
             lm_workers.append(w)
             t = threading.Thread(target=w.run, args=(stop,), name=f"lm-worker-{i}", daemon=True)
             t.start()
@@ -207,40 +242,3 @@ def start_lm_server(
     server.start()
     log.info("LM service listening on port %d with %d live worker(s)", port, len(lm_workers))
     return LMServer(server, port, servicer, stop, threads)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "lm",
-        help="run the LM caption service and live worker(s)",
-        description="Caption engine: leases live sessions from Redis and writes caption events; "
-        "serves offline Caption/BatchCaption over gRPC.",
-    )
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo model)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--listen", default="127.0.0.1:50062", help="gRPC address (default: 127.0.0.1:50062)")
-    p.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
-    p.add_argument("--workers", type=int, default=1, help="live worker loops in this process")
-    p.add_argument("--worker-id", default=None, help="worker id prefix (default: random)")
-    p.add_argument(
-        "--adapters-dir", default=None, help="directory of LoRA adapters (NAME/adapter_config.json)"
-    )
-    p.add_argument(
-        "--adapters-from-redis",
-        action="store_true",
-        help="load adapters by name from the jobs registry in Redis (instead of --adapters-dir)",
-    )
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    registry = redis_url_from(args.redis_url) if args.adapters_from_redis else None
-    engine = build_engine(args.model, args.device, args.dtype, args.adapters_dir, registry)
-    srv = start_lm_server(
-        engine, redis_url_from(args.redis_url), args.listen, args.workers, worker_prefix=args.worker_id
-    )
-    serve_metrics(args.metrics_port)
-    print(f"lm ready on port {srv.port}", flush=True)
-    return wait_for_shutdown(srv.stop)

@@ -7,6 +7,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from lm_service.engines.base import CaptionEngine
+from lm_service.server import build_engine
+from services.model.checkpoint import load_model
+from services.model.modeling import MiDashengLM
 from services.transport.redis_server import PrivateRedis, start_private_redis
 
 
@@ -25,3 +29,16 @@ def redis_url(redis_server: PrivateRedis) -> Iterator[str]:
     yield redis_server.url
     client.flushall()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[CaptionEngine]:
+    """The reference caption engine over the demo model, on the CPU."""
+    e = build_engine(None, "cpu")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def encoder_model() -> MiDashengLM:
+    return load_model(None)

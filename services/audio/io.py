@@ -16,10 +16,8 @@ import av
 import numpy as np
 import soundfile as sf
 
+from services.constants import SAMPLE_RATE
 from services.errors import AudioDecodeError
-
-SAMPLE_RATE = 16000
-"""Hz; the rate the MiDashengLM audio encoder expects."""
 
 PCM16_SCALE = 32768.0
 """Divisor mapping int16 samples onto [-1, 1)."""

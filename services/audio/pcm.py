@@ -5,12 +5,11 @@ from __future__ import annotations
 import av
 import numpy as np
 
+from services.constants import ENCODINGS, LINEAR16, SAMPLE_RATE
 from services.errors import InvalidArgument
 
-SAMPLE_RATE = 16000  # Hz, model input
 MIN_RATE, MAX_RATE = 8000, 48000  # Hz accepted from clients
 MAX_CHANNELS = 8
-ENCODINGS = ("LINEAR16", "FLOAT32")
 _LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "4.1", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
@@ -25,13 +24,13 @@ def validate_format(sample_rate: int, encoding: str, channels: int) -> None:
 
 def bytes_to_frames(data: bytes, encoding: str, channels: int) -> np.ndarray:
     """Interleaved PCM bytes -> (n, channels) float32; clear errors for malformed bytes."""
-    width = 2 if encoding == "LINEAR16" else 4
+    width = 2 if encoding == LINEAR16 else 4
     if len(data) % (width * channels):
         raise InvalidArgument(
             f"{encoding} audio with {channels} channel(s) must be a multiple of {width * channels} bytes, "
             f"got {len(data)}"
         )
-    if encoding == "LINEAR16":
+    if encoding == LINEAR16:
         x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     else:
         x = np.frombuffer(data, dtype="<f4").astype(np.float32)
@@ -45,7 +44,7 @@ def bytes_to_frames(data: bytes, encoding: str, channels: int) -> np.ndarray:
 class PcmConverter:
     """Converts a live stream's chunks to 16 kHz mono, keeping resampler state between chunks."""
 
-    def __init__(self, sample_rate: int, encoding: str = "LINEAR16", channels: int = 1) -> None:
+    def __init__(self, sample_rate: int, encoding: str = LINEAR16, channels: int = 1) -> None:
         validate_format(sample_rate, encoding, channels)
         self.sample_rate, self.encoding, self.channels = sample_rate, encoding, channels
         self._resampler = (
@@ -74,8 +73,6 @@ class PcmConverter:
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
 
 
-def pcm_to_mono16k(
-    data: bytes, sample_rate: int, encoding: str = "LINEAR16", channels: int = 1
-) -> np.ndarray:
+def pcm_to_mono16k(data: bytes, sample_rate: int, encoding: str = LINEAR16, channels: int = 1) -> np.ndarray:
     conv = PcmConverter(sample_rate, encoding, channels)
     return np.concatenate([conv.convert(data), conv.flush()])

@@ -11,10 +11,20 @@ from services.errors import MidashengError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from encoder_service import server as encoder_server
-    from lm_service import server as lm_server
-    from services.cli import adapters, caption, evaluate, jobs, stream, synth, train, up, watch
-    from services.gateway import server as gateway_server
+    from services.cli import (
+        adapters,
+        caption,
+        encoder,
+        evaluate,
+        gateway,
+        jobs,
+        lm,
+        stream,
+        synth,
+        train,
+        up,
+        watch,
+    )
 
     parser = argparse.ArgumentParser(
         prog="midasheng",
@@ -31,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         synth,
         train,
         evaluate,
-        gateway_server,
-        encoder_server,
-        lm_server,
+        gateway,
+        encoder,
+        lm,
         jobs,
         adapters,
     ):

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         adapter = store.get_adapter(args.name)
     finally:
         store.close()
-    from services.training.train import merge_adapter
+    from services.model.adapters import merge_adapter
 
     out = merge_adapter(adapter.base_model, adapter.path, args.out)
     print(f"merged adapter {adapter.name!r} into {adapter.base_model}: {out}", flush=True)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lm_service.engines import DEFAULT_ENGINE, ENGINES
+from lm_service.offline import DEFAULT_SEGMENT_SECONDS, LONG_AUDIO_SECONDS, Captioner
 from services.audio.io import decode_audio
 from services.audio.subtitles import FORMATS, TimedCaption, render
-from services.captioner import DEFAULT_SEGMENT_SECONDS, LONG_AUDIO_SECONDS, SAMPLE_RATE, Captioner
+from services.constants import DEFAULT_PROMPT, SAMPLE_RATE
 from services.errors import AudioDecodeError
 from services.model.generation import GenerationOptions
-from services.model.processor import DEFAULT_PROMPT
 
 SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "srt": ".srt", "vtt": ".vtt"}
 
@@ -66,6 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_generation_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: 8)")
+    p.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        choices=ENGINES,
+        help=f"caption engine (default: {DEFAULT_ENGINE})",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines output (same as --format jsonl)")
     p.add_argument(
         "--segment",
@@ -103,31 +110,34 @@ def run(args: argparse.Namespace) -> int:
         print("midasheng caption: error: --batch-size must be at least 1", file=sys.stderr)
         return 2
     options = generation_options(args)
-    captioner = Captioner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    if args.output_dir is not None:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-
-    failures = 0
-    progress = tqdm(
-        args.files, desc="captioning", unit="file", disable=len(args.files) < 2 or None, file=sys.stderr
+    captioner = Captioner.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_batch=args.batch_size
     )
-    for path in progress:
-        try:
-            audio = decode_audio(path)
-        except AudioDecodeError as e:
-            failures += 1
-            print(f"midasheng caption: error: {e}", file=sys.stderr)
-            continue
-        seconds = len(audio) / SAMPLE_RATE
-        seg = _segment_length(args, seconds)
-        gen = dict(
-            prompt=args.prompt, system_prompt=args.system_prompt, options=options, batch_size=args.batch_size
+    try:
+        if args.output_dir is not None:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+
+        failures = 0
+        progress = tqdm(
+            args.files, desc="captioning", unit="file", disable=len(args.files) < 2 or None, file=sys.stderr
         )
-        if seg is None:
-            captions = [TimedCaption(0.0, seconds, captioner.caption([audio], **gen)[0])]  # type: ignore[arg-type]
-        else:
-            captions = captioner.caption_segments(audio, seg, **gen)  # type: ignore[arg-type]
-        _emit(path, captions, fmt, args, whole=seg is None, single=len(args.files) == 1)
+        for path in progress:
+            try:
+                audio = decode_audio(path)
+            except AudioDecodeError as e:
+                failures += 1
+                print(f"midasheng caption: error: {e}", file=sys.stderr)
+                continue
+            seconds = len(audio) / SAMPLE_RATE
+            seg = _segment_length(args, seconds)
+            if seg is None:
+                text = captioner.caption([audio], args.prompt, args.system_prompt, options)[0]
+                captions = [TimedCaption(0.0, seconds, text)]
+            else:
+                captions = captioner.caption_segments(audio, seg, args.prompt, args.system_prompt, options)
+            _emit(path, captions, fmt, args, whole=seg is None, single=len(args.files) == 1)
+    finally:
+        captioner.close()
     return 1 if failures else 0
 
 

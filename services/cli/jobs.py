@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from services import config
+from services.jobs.store import JobDefaults
 from services.pb.midasheng.v1 import jobs_pb2, jobs_pb2_grpc
 
 RPC_TIMEOUT_S = 60.0
@@ -19,7 +21,7 @@ TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
 
 
 def _print(msg: object) -> None:
-    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)), flush=True)  # type: ignore[arg-type]
+    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)), flush=True)
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, jobs_pb2_grpc.JobServiceStub]:
@@ -106,9 +108,18 @@ def _client(args: argparse.Namespace, stub: jobs_pb2_grpc.JobServiceStub) -> int
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from services.jobs.server import run
+    from services.jobs.server import start_jobs_server
+    from services.runtime import redis_url_from, wait_for_shutdown
 
-    return run(args)
+    srv = start_jobs_server(
+        redis_url_from(args.redis_url),
+        args.listen,
+        args.jobs_dir,
+        args.base_model,
+        defaults=config.from_args(JobDefaults, args),
+    )
+    print(f"jobs ready on port {srv.port}", flush=True)
+    return wait_for_shutdown(srv.stop)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -192,6 +203,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
     s.add_argument("--jobs-dir", type=Path, default=None, help="shared jobs directory (informational)")
     s.add_argument("--base-model", default="demo", help="base model of jobs that name none (default: demo)")
+    config.add_flags(s, JobDefaults)
     s.set_defaults(func=run_serve)
 
     wk = sub.add_parser(

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from services.audio.io import decode_audio, float_to_pcm16_bytes
+from services.constants import SAMPLE_RATE
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
 
 CHUNK_SECONDS = 0.1
@@ -22,7 +23,7 @@ def requests(
     audio: np.ndarray, cfg: captions_pb2.SessionConfig, speed: float
 ) -> Iterator[captions_pb2.StreamCaptionsRequest]:
     yield captions_pb2.StreamCaptionsRequest(config=cfg)
-    step = int(CHUNK_SECONDS * 16000)
+    step = int(CHUNK_SECONDS * SAMPLE_RATE)
     start = time.monotonic()
     for i, k in enumerate(range(0, len(audio), step)):
         if speed > 0:
@@ -51,7 +52,7 @@ def stream_file(
 ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
     audio = decode_audio(path)
     cfg = captions_pb2.SessionConfig(
-        sample_rate_hz=16000,
+        sample_rate_hz=SAMPLE_RATE,
         encoding=captions_pb2.LINEAR16,
         channels=1,
         interim_results=interim,

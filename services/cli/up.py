@@ -16,10 +16,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from lm_service.engines import DEFAULT_ENGINE, ENGINES
+from services import config
 from services.errors import MidashengError
+from services.pb.midasheng.v1 import captions_pb2, encoder_pb2, lm_pb2
 from services.rpc import wait_healthy
+from services.transport.keys import TransportDefaults
 from services.transport.redis_server import PrivateRedis, free_port, start_private_redis
 
+ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+LM_SERVICE = lm_pb2.DESCRIPTOR.services_by_name["LMService"].full_name
+GATEWAY_SERVICE = captions_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 
@@ -69,8 +76,10 @@ def _pipe(child: Child, out: object, lock: threading.Lock) -> None:
             print(f"[{child.name}] {line.rstrip()}", file=out, flush=True)  # type: ignore[call-overload]
 
 
-def _spawn(stack: Stack, name: str, args: list[str], out: object) -> Child:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _spawn(
+    stack: Stack, name: str, args: list[str], out: object, env_extra: dict[str, str] | None = None
+) -> Child:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", *args],
         stdout=subprocess.PIPE,
@@ -109,8 +118,11 @@ def start_stack(
     device: str = "auto",
     out: object = sys.stderr,
     extra_gateway_args: list[str] | None = None,
+    defaults: TransportDefaults | None = None,
+    engine: str = DEFAULT_ENGINE,
 ) -> Stack:
-    """Start everything and return once every service answers its health check."""
+    """Start everything and return once every service answers its health check. ``defaults``
+    reach every child through the environment (they must agree across processes)."""
     redis = None
     if not redis_url:
         redis = start_private_redis()
@@ -119,60 +131,32 @@ def start_stack(
     gw_port = gateway_port or free_port()
     stack = Stack(redis_url, f"{host}:{gw_port}", f"{host}:{enc_port}", f"{host}:{lm_port}", redis=redis)
     model_args = ["--model", model] if model else []
+    env = config.to_env(defaults) if defaults is not None else {}
+    service = {"redis": ["--redis-url", redis_url], "device": ["--device", device, *model_args]}
     try:
         enc = _spawn(
             stack,
             "encoder",
-            ["encoder", "--listen", stack.encoder, "--redis-url", redis_url, "--device", device, *model_args],
+            ["encoder", "--listen", stack.encoder, *service["redis"], *service["device"]],
             out,
+            env,
         )
         lms = []
         for i in range(lm_processes):
-            port = lm_port if i == 0 else free_port()
-            lms.append(
-                (
-                    _spawn(
-                        stack,
-                        f"lm-{i}",
-                        [
-                            "lm",
-                            "--listen",
-                            f"{host}:{port}",
-                            "--redis-url",
-                            redis_url,
-                            "--workers",
-                            str(lm_workers),
-                            "--worker-id",
-                            f"lm{i}",
-                            "--device",
-                            device,
-                            *model_args,
-                        ],
-                        out,
-                    ),
-                    f"{host}:{port}",
-                )
-            )
-        gw_args = [
-            "gateway",
-            "--listen",
-            stack.gateway,
-            "--encoder",
-            stack.encoder,
-            "--lm",
-            stack.lm,
-            "--redis-url",
-            redis_url,
-            *(extra_gateway_args or []),
-        ]
+            target = stack.lm if i == 0 else f"{host}:{free_port()}"
+            args = ["lm", "--listen", target, *service["redis"], "--workers", str(lm_workers)]
+            args += ["--worker-id", f"lm{i}", "--engine", engine, *service["device"]]
+            lms.append((_spawn(stack, f"lm-{i}", args, out, env), target))
+        gw_args = ["gateway", "--listen", stack.gateway, "--encoder", stack.encoder, "--lm", stack.lm]
+        gw_args += [*service["redis"], *(extra_gateway_args or [])]
         if http_port is not None:
             gw_args += ["--http", f"{host}:{http_port}"]
             stack.http = f"http://{host}:{http_port}/"
-        gw = _spawn(stack, "gateway", gw_args, out)
-        _ready(stack, enc, stack.encoder, "midasheng.v1.EncoderService")
+        gw = _spawn(stack, "gateway", gw_args, out, env)
+        _ready(stack, enc, stack.encoder, ENCODER_SERVICE)
         for child, target in lms:
-            _ready(stack, child, target, "midasheng.v1.LMService")
-        _ready(stack, gw, stack.gateway, "midasheng.v1.CaptionService")
+            _ready(stack, child, target, LM_SERVICE)
+        _ready(stack, gw, stack.gateway, GATEWAY_SERVICE)
     except BaseException:
         stack.stop()
         raise
@@ -200,7 +184,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="use this Redis (default: $REDIS_URL)"
     )
+    p.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        choices=ENGINES,
+        help=f"caption engine (default: {DEFAULT_ENGINE})",
+    )
     p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
+    config.add_flags(p, TransportDefaults)
     p.set_defaults(func=run)
 
 
@@ -214,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         args.lm_workers,
         args.lm_processes,
         args.device,
+        defaults=config.from_args(TransportDefaults, args),
+        engine=args.engine,
     )
     lines = [f"midasheng is up: gRPC gateway at {stack.gateway}"]
     if stack.http:

@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 
 from services.audio.io import float_to_pcm16_bytes
+from services.constants import SAMPLE_RATE
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16000
 CHUNK_SAMPLES = 1600  # 100 ms per gRPC message
 QUEUE_CHUNKS = 300  # 30 s of audio buffered between the source and the stream; older audio is dropped
 KEEPALIVE_S = 5.0

@@ -12,14 +12,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from services import rpc
+from services.auth import bearer_matches
 from services.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -30,7 +31,7 @@ from services.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.live import Event, GatewayLimits, LiveGateway, LiveSession, StreamSettings
+from services.gateway.live import GatewayLimits, LiveGateway, LiveSession
 from services.pb.midasheng.v1 import (
     captions_pb2,
     captions_pb2_grpc,
@@ -38,10 +39,12 @@ from services.pb.midasheng.v1 import (
     encoder_pb2_grpc,
     lm_pb2_grpc,
 )
-from services.streaming.settings import SessionSettings
+from services.wire.events import CaptionEvent, EndEvent, EndReason, ErrorEvent, Event
+from services.wire.settings import settings_from_pb, settings_to_pb
 
 log = logging.getLogger(__name__)
-SERVICE = "midasheng.v1.CaptionService"
+T = TypeVar("T")
+SERVICE = captions_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name
 POLL_MS = 50  # caption relay poll while the client is sending
 END_TIMEOUT_S = 120.0  # after the audio ended, the longest wait for the LM's end marker
 REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
@@ -50,16 +53,6 @@ REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
 # thread, back to back, so an end not followed by termination within this long is a real half-close.
 HALF_CLOSE_GRACE_S = 0.25
 RPC_TIMEOUT_S = 30.0
-ENCODINGS = {
-    captions_pb2.AUDIO_ENCODING_UNSPECIFIED: "LINEAR16",
-    captions_pb2.LINEAR16: "LINEAR16",
-    captions_pb2.FLOAT32: "FLOAT32",
-}
-END_REASONS = {
-    "end_of_stream": captions_pb2.SessionEnded.CLIENT_CLOSED,
-    "error": captions_pb2.SessionEnded.ERROR,
-    "idle": captions_pb2.SessionEnded.IDLE_TIMEOUT,
-}
 
 
 class GrpcEncoderLink:
@@ -131,38 +124,6 @@ def encoder_error(e: grpc.RpcError, sid: str, target: str) -> MidashengError:
     return Unavailable(f"the encoder service failed ({code.name}); see the gateway log")
 
 
-def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
-    session = SessionSettings(
-        window_seconds=cfg.window_seconds or 10.0,
-        hop_seconds=cfg.hop_seconds or 2.0,
-        prompt=cfg.prompt or "Caption the audio.",
-        interim_results=cfg.interim_results,
-        max_new_tokens=cfg.max_new_tokens or 48,
-        adapter=cfg.adapter,
-    )
-    encoding = ENCODINGS.get(cfg.encoding)
-    if encoding is None:
-        raise InvalidArgument(f"unknown audio encoding {cfg.encoding}")
-    return StreamSettings(cfg.sample_rate_hz or 16000, encoding, cfg.channels or 1, session, cfg.language)
-
-
-def effective_pb(sid: str, s: StreamSettings, resume_after: str) -> captions_pb2.SessionConfig:
-    return captions_pb2.SessionConfig(
-        sample_rate_hz=s.sample_rate,
-        encoding=captions_pb2.AudioEncoding.Value(s.encoding),
-        channels=s.channels,
-        prompt=s.session.prompt,
-        window_seconds=s.session.window_seconds,
-        hop_seconds=s.session.hop_seconds,
-        interim_results=s.session.interim_results,
-        adapter=s.session.adapter,
-        language=s.language,
-        session_id=sid,
-        resume_after_event_id=resume_after,
-        max_new_tokens=s.session.max_new_tokens,
-    )
-
-
 def limits_pb(lim: GatewayLimits) -> captions_pb2.ServerLimits:
     return captions_pb2.ServerLimits(
         max_chunk_bytes=lim.max_chunk_bytes,
@@ -177,48 +138,34 @@ def limits_pb(lim: GatewayLimits) -> captions_pb2.ServerLimits:
     )
 
 
-def event_pb(
-    ev: Event, last_caption_id: str = "", end_reason: str = ""
-) -> captions_pb2.StreamCaptionsResponse:
-    """A caption-stream entry as a response; ``end_reason`` ("idle") overrides the end's reason."""
-    f = ev.fields
-    if ev.type == "caption":
-        return captions_pb2.StreamCaptionsResponse(
-            caption=captions_pb2.CaptionEvent(
-                event_id=ev.id,
-                segment_id=int(f["segment_id"]),
-                revision=int(f["revision"]),
-                window_start_seconds=float(f["window_start"]),
-                window_end_seconds=float(f["window_end"]),
-                text=f.get("text", ""),
-                is_final=f.get("is_final") == "1",
-                audio_processed_seconds=float(f.get("audio_seconds", 0.0)),
-                adapter=f.get("adapter", ""),
-            )
-        )
-    if ev.type == "error":
-        default = grpc.StatusCode.INTERNAL if f.get("fatal") == "1" else grpc.StatusCode.DATA_LOSS
-        code = grpc.StatusCode.__members__.get(f.get("code", ""), default)
-        return captions_pb2.StreamCaptionsResponse(
-            error=captions_pb2.StreamError(
-                code=code.value[0],
-                message=f.get("message", ""),
-                reason=f.get("reason", "CAPTION_WORKER"),
-                fatal=f.get("fatal") == "1",
-            )
-        )
-    reason = end_reason or f.get("reason", "")
-    return captions_pb2.StreamCaptionsResponse(
-        ended=captions_pb2.SessionEnded(
-            reason=END_REASONS.get(reason, captions_pb2.SessionEnded.REASON_UNSPECIFIED),
-            total_audio_seconds=float(f.get("audio_seconds", 0.0)),
-            last_event_id=last_caption_id,
-        )
-    )
-
-
 _END = object()  # the client half-closed its request stream: flush and finish
 _DROPPED = object()  # the connection broke: keep the session for a resume
+
+
+@dataclass
+class _Relay:
+    """Where one call's relay of a session's caption stream stands."""
+
+    cursor: str  # the last event id relayed ("0-0" = none)
+    client_done: bool = False  # the client half-closed
+    finished: bool = False  # the end was relayed
+    last_event: float = field(default_factory=time.monotonic)
+    last_caption: str = ""  # the last caption's event id (SessionEnded.last_event_id)
+
+    def __post_init__(self) -> None:
+        self.last_caption = self.cursor if self.cursor != "0-0" else ""
+
+    def response(self, ev: Event, end_reason: EndReason | None) -> captions_pb2.StreamCaptionsResponse:
+        """The response for the next event; ``end_reason`` (a gateway's idle timeout) overrides the end's."""
+        self.cursor, self.last_event = ev.event_id, time.monotonic()
+        if isinstance(ev, CaptionEvent):
+            self.last_caption = ev.event_id
+        elif isinstance(ev, EndEvent):
+            self.finished = True
+            if end_reason is not None:
+                ev = replace(ev, reason=end_reason)
+            return ev.to_pb(self.last_caption)
+        return ev.to_pb()
 
 
 @dataclass
@@ -239,11 +186,13 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         if not self.token:
             return
         md = dict(context.invocation_metadata())
-        if md.get("authorization") != f"Bearer {self.token}":
+        if not bearer_matches(md.get("authorization"), self.token):
             raise Unauthenticated("a valid 'authorization: Bearer <token>' metadata entry is required")
 
     @rpc.streaming
-    def StreamCaptions(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    def StreamCaptions(
+        self, request_iterator: Iterator[captions_pb2.StreamCaptionsRequest], context: grpc.ServicerContext
+    ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
         self._check_auth(context)
         inbox: queue.Queue[object] = queue.Queue(maxsize=REQUEST_QUEUE)
         terminated = threading.Event()
@@ -278,7 +227,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         yield captions_pb2.StreamCaptionsResponse(
             started=captions_pb2.SessionStarted(
                 session_id=session.sid,
-                effective_config=effective_pb(session.sid, session.settings, cursor),
+                effective_config=settings_to_pb(session.settings, session.sid, cursor),
                 limits=limits_pb(limits),
                 resumed=session.resumed,
                 last_seq=session.audio_seq,
@@ -294,89 +243,87 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         context: grpc.ServicerContext,
         generation: int,
     ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
-        limits = self.gateway.limits
-        client_done = False
-        finished = False
-        last_event = time.monotonic()
-        last_caption = cursor if cursor != "0-0" else ""
+        """Until the session's end event (or the client goes away): take the client's messages,
+        watch the idle timer, relay caption events."""
+        relay = _Relay(cursor)
         try:
             while True:
-                # 1. the client's messages
-                while not client_done:
-                    try:
-                        item = inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _DROPPED:
-                        return  # finally: detach (resumable for resume_retention_seconds)
-                    if generation != session.generation:
-                        return  # a newer call resumed this session; it owns the audio now
-                    if item is _END:
-                        client_done = True  # half-close: flush what was sent
-                        session.finalize()
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        try:
-                            self._handle(session, item)  # type: ignore[arg-type]
-                        except Unavailable as e:
-                            raise Unavailable(
-                                f"{e}; session {session.sid} can be resumed (send from "
-                                f"SessionStarted.last_seq + 1) once it is back"
-                            ) from e
-                if (
-                    not session.ended
-                    and time.monotonic() - session.last_activity > limits.idle_timeout_seconds
-                ):
-                    log.info(
-                        "session %s idle for %.0f s; finalizing", session.sid, limits.idle_timeout_seconds
-                    )
-                    session.end_reason = "idle"
-                    session.finalize()
-                    yield captions_pb2.StreamCaptionsResponse(
-                        error=captions_pb2.StreamError(
-                            code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
-                            reason="IDLE_TIMEOUT",
-                            message=f"no audio or keep-alive for {limits.idle_timeout_seconds:.0f} s; the session is "
-                            "being finalized",
-                            fatal=False,
-                        )
-                    )
-                # 2. caption events
-                for ev in session.events(cursor, POLL_MS):
-                    cursor, last_event = ev.id, time.monotonic()
-                    if ev.type == "caption":
-                        last_caption = ev.id
-                    yield event_pb(ev, last_caption, session.end_reason)
-                    if ev.type == "end":
-                        finished = True
+                if not self._drain_inbox(session, inbox, relay, generation):
+                    return  # dropped, or superseded by a resume: finally detaches
+                idle = self._check_idle(session)
+                if idle is not None:
+                    yield idle.to_pb()
+                for ev in session.events(relay.cursor, POLL_MS):
+                    yield relay.response(ev, session.end_reason)
+                    if relay.finished:
                         return
-                if session.ended and time.monotonic() - last_event > END_TIMEOUT_S:
-                    finished = True
-                    yield captions_pb2.StreamCaptionsResponse(
-                        error=captions_pb2.StreamError(
-                            code=grpc.StatusCode.UNAVAILABLE.value[0],
-                            reason="NO_CAPTION_WORKER",
-                            fatal=True,
-                            message=f"no caption worker finished the session within {END_TIMEOUT_S:.0f} s",
-                        )
-                    )
-                    yield captions_pb2.StreamCaptionsResponse(
-                        ended=captions_pb2.SessionEnded(
-                            reason=captions_pb2.SessionEnded.ERROR,
-                            total_audio_seconds=session.seconds,
-                            last_event_id=last_caption,
-                        )
-                    )
+                if session.ended and time.monotonic() - relay.last_event > END_TIMEOUT_S:
+                    relay.finished = True
+                    yield from self._no_caption_worker(session, relay)
                     return
                 if not context.is_active():
                     return
         finally:
-            if finished or session.ended and client_done:
+            if relay.finished or session.ended and relay.client_done:
                 if generation == session.generation:
                     self.gateway.forget(session)
             else:
                 self.gateway.detach(session, generation)
+
+    def _drain_inbox(
+        self, session: LiveSession, inbox: queue.Queue[object], relay: _Relay, generation: int
+    ) -> bool:
+        """Handle every message the client sent so far; False once this call no longer owns the
+        session (the connection dropped, or a newer call resumed it)."""
+        while not relay.client_done:
+            try:
+                item = inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is _DROPPED or generation != session.generation:
+                return False
+            if item is _END:
+                relay.client_done = True  # half-close: flush what was sent
+                session.finalize()
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                assert isinstance(item, captions_pb2.StreamCaptionsRequest)
+                try:
+                    self._handle(session, item)
+                except Unavailable as e:
+                    raise Unavailable(
+                        f"{e}; session {session.sid} can be resumed (send from "
+                        f"SessionStarted.last_seq + 1) once it is back"
+                    ) from e
+        return True
+
+    def _check_idle(self, session: LiveSession) -> ErrorEvent | None:
+        """Finalize a session that got no audio or keep-alive for the idle timeout; say so once."""
+        timeout = self.gateway.limits.idle_timeout_seconds
+        if session.ended or time.monotonic() - session.last_activity <= timeout:
+            return None
+        log.info("session %s idle for %.0f s; finalizing", session.sid, timeout)
+        session.end_reason = EndReason.IDLE
+        session.finalize()
+        return ErrorEvent(
+            message=f"no audio or keep-alive for {timeout:.0f} s; the session is being finalized",
+            reason="IDLE_TIMEOUT",
+            fatal=False,
+            code="DEADLINE_EXCEEDED",
+        )
+
+    def _no_caption_worker(
+        self, session: LiveSession, relay: _Relay
+    ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
+        error = ErrorEvent(
+            message=f"no caption worker finished the session within {END_TIMEOUT_S:.0f} s",
+            reason="NO_CAPTION_WORKER",
+            fatal=True,
+            code="UNAVAILABLE",
+        )
+        yield error.to_pb()
+        yield EndEvent(EndReason.ERROR, session.seconds).to_pb(relay.last_caption)
 
     def _handle(self, session: LiveSession, req: captions_pb2.StreamCaptionsRequest) -> None:
         kind = req.WhichOneof("request")
@@ -403,17 +350,21 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         return self._lm
 
     @rpc.unary
-    def Caption(self, request, context):  # type: ignore[no-untyped-def]
+    def Caption(
+        self, request: captions_pb2.CaptionRequest, context: grpc.ServicerContext
+    ) -> captions_pb2.CaptionResponse:
         self._check_auth(context)
         return _forward(self._lm_stub().Caption, request, context)
 
     @rpc.unary
-    def BatchCaption(self, request, context):  # type: ignore[no-untyped-def]
+    def BatchCaption(
+        self, request: captions_pb2.BatchCaptionRequest, context: grpc.ServicerContext
+    ) -> captions_pb2.BatchCaptionResponse:
         self._check_auth(context)
         return _forward(self._lm_stub().BatchCaption, request, context)
 
 
-def _forward(method, request, context):  # type: ignore[no-untyped-def]
+def _forward(method: Callable[..., T], request: object, context: grpc.ServicerContext) -> T:
     """The LM service's answer; its errors keep their status and message (rpc.unary passes a failed
     call's status on)."""
     return method(request, timeout=max(1.0, context.time_remaining() or 120.0))

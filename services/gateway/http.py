@@ -11,7 +11,6 @@ Routes: ``GET /``, ``GET /monitor``, ``GET /static/...``, ``GET /healthz``, ``GE
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -24,7 +23,8 @@ from typing import Any, cast
 from aiohttp import web
 from aiortc import RTCIceServer
 
-from services.audio.subtitles import TimedCaption, to_webvtt
+from services.audio.subtitles import to_webvtt
+from services.auth import bearer_matches
 from services.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -33,16 +33,12 @@ from services.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.live import Event, LiveGateway
-from services.gateway.webrtc import (
-    WebRtcIngest,
-    WebRtcLimits,
-    event_json,
-    ice_server_json,
-    settings_from_json,
-)
-from services.streaming.settings import SessionSettings
+from services.gateway.live import CREATED_FIELD, LiveGateway, is_session_id
+from services.gateway.webrtc import WebRtcIngest, WebRtcLimits, ice_server_json
 from services.transport import keys
+from services.transport.streams import entry_time
+from services.wire.events import CaptionEvent, EndEvent, Event, final_captions, from_fields
+from services.wire.settings import SessionSettings, session_to_json, settings_from_hash, settings_from_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +48,6 @@ RECENT_SECONDS = 60.0  # ended sessions stay on the monitoring view this long
 LATEST_SCAN = 50  # newest caption-stream entries read per session to find its latest caption
 MAX_OFFER_BYTES = 256 * 1024
 START_TIMEOUT_S = 10.0
-_SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -63,22 +58,6 @@ def _error(status: int, message: str) -> web.Response:
 
 def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in fields.items()}
-
-
-def _entry_time(entry_id: str) -> float:
-    return int(entry_id.split("-")[0]) / 1000.0
-
-
-def final_captions(events: Sequence[Event]) -> list[TimedCaption]:
-    """The final caption of every segment, in stream order (a redelivered final replaces the earlier)."""
-    finals: dict[int, TimedCaption] = {}
-    for ev in events:
-        f = ev.fields
-        if ev.type == "caption" and f.get("is_final") == "1":
-            finals[int(f["segment_id"])] = TimedCaption(
-                float(f["window_start"]), float(f["window_end"]), f.get("text", "")
-            )
-    return [finals[k] for k in sorted(finals)]
 
 
 class SessionReader:
@@ -93,7 +72,7 @@ class SessionReader:
         self._lock = threading.Lock()
 
     def all_events(self, sid: str) -> list[Event]:
-        if not set(sid) <= _SAFE_ID or not sid or len(sid) > 64:
+        if not is_session_id(sid):
             raise NotFound(f"session {sid!r} does not exist")
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(keys.session_config(sid))
@@ -101,7 +80,7 @@ class SessionReader:
         exists, entries = pipe.execute()
         if not exists and not entries:
             raise NotFound(f"session {sid} does not exist or has expired")
-        return [Event(i.decode(), _decode(f)) for i, f in entries]
+        return [from_fields(i.decode(), f) for i, f in entries]
 
     def summary(
         self,
@@ -113,27 +92,30 @@ class SessionReader:
     ) -> dict[str, Any]:
         latest: dict[str, Any] | None = None
         latest_final: dict[str, Any] | None = None
-        ended: dict[str, Any] | None = None
+        ended: EndEvent | None = None
         audio_seconds = 0.0
         for raw_id, raw in entries:  # newest first
-            ev = Event(raw_id.decode(), _decode(raw))
-            msg = event_json(ev)
-            if msg["type"] == "ended" and ended is None:
-                ended = msg
-            if msg["type"] != "caption":
+            ev = from_fields(raw_id.decode(), raw)
+            if isinstance(ev, EndEvent) and ended is None:
+                ended = ev
+            if not isinstance(ev, CaptionEvent):
                 continue
-            msg["age_seconds"] = round(max(0.0, now - _entry_time(ev.id)), 1)
-            audio_seconds = max(audio_seconds, msg["audio_seconds"])
+            msg = ev.to_json() | {"age_seconds": round(max(0.0, now - entry_time(ev.event_id)), 1)}
+            audio_seconds = max(audio_seconds, ev.audio_seconds)
             if latest is None:
                 latest = msg
-            if msg["is_final"] and latest_final is None:
+            if ev.is_final and latest_final is None:
                 latest_final = msg
             if latest is not None and latest_final is not None:
                 break
         local = self.ingest.session(sid)
         if local is not None:
             audio_seconds = max(audio_seconds, local.seconds)
-        created = float(config.get("created", 0) or 0)
+        created = float(config.get(CREATED_FIELD, 0) or 0)
+        try:
+            settings = settings_from_hash(config).session
+        except InvalidArgument:  # a hash no gateway wrote: show the session anyway
+            settings = SessionSettings()
         return {
             "id": sid,
             "active": active,
@@ -141,13 +123,13 @@ class SessionReader:
             "age_seconds": round(now - created, 1) if created else None,
             "audio_seconds": round(audio_seconds, 2),
             "webrtc": local is not None,
-            "prompt": config.get("prompt", ""),
-            "adapter": config.get("adapter", ""),
-            "window_seconds": float(config.get("window_seconds", 0) or 0),
-            "hop_seconds": float(config.get("hop_seconds", 0) or 0),
+            "prompt": settings.prompt,
+            "adapter": settings.adapter,
+            "window_seconds": settings.window_seconds,
+            "hop_seconds": settings.hop_seconds,
             "latest": latest,
             "latest_final": latest_final,
-            "ended": None if ended is None else {"reason": ended["reason"]},
+            "ended": None if ended is None else {"reason": ended.reason.value},
             "ended_at": self._ended.get(sid),
         }
 
@@ -238,7 +220,7 @@ class HttpApp:
         if not self.token:
             return
         got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+        if not bearer_matches(got, self.token):
             raise Unauthenticated(
                 "this gateway requires an 'Authorization: Bearer <token>' header"
                 if not got
@@ -257,17 +239,11 @@ class HttpApp:
         return web.Response(text="ok")
 
     async def config(self, request: web.Request) -> web.Response:
-        d, lim = SessionSettings(), self.gateway.limits
+        lim = self.gateway.limits
         return web.json_response(
             {
                 "ice_servers": [ice_server_json(s) for s in self.ingest.ice_servers],
-                "defaults": {
-                    "prompt": d.prompt,
-                    "window_seconds": d.window_seconds,
-                    "hop_seconds": d.hop_seconds,
-                    "interim_results": d.interim_results,
-                    "adapter": d.adapter,
-                },
+                "defaults": session_to_json(SessionSettings()),
                 "limits": {
                     "max_prompt_chars": lim.max_prompt_chars,
                     "max_session_seconds": lim.max_session_seconds,
@@ -318,7 +294,7 @@ class HttpApp:
         sid = request.match_info["sid"]
         body = {
             "session_id": sid,
-            "events": [event_json(ev) for ev in events],
+            "events": [ev.to_json() for ev in events],
             "finals": [{"start": c.start, "end": c.end, "text": c.text} for c in final_captions(events)],
         }
         return web.Response(

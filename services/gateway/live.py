@@ -13,58 +13,65 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Protocol
 
 import numpy as np
 import redis
 
 from services import metrics
-from services.audio.pcm import MAX_CHANNELS, MAX_RATE, MIN_RATE, PcmConverter, validate_format
+from services.audio.pcm import MAX_CHANNELS, MAX_RATE, MIN_RATE, PcmConverter
+from services.constants import SAMPLE_RATE
 from services.errors import FailedPrecondition, InvalidArgument, MidashengError, NotFound, ResourceExhausted
-from services.streaming.settings import SessionSettings, settings_from_hash, settings_to_hash
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
+from services.wire.events import CaptionStream, EndReason, Event
+from services.wire.settings import StreamSettings, settings_from_hash, settings_to_hash
 
 log = logging.getLogger(__name__)
 # Fields of a session's config hash (beside its settings) that the gateway keeps for resumes.
 ENDED_FIELD = "ended"  # "1" once the encoder has the end: a resume only replays events
 LAST_SEQ_FIELD = "last_seq"  # the last audio seq, written with ENDED_FIELD
 ABANDONED_FIELD = "abandoned"  # why the session cannot go on (its encoder state is gone)
+CREATED_FIELD = "created"  # unix time the session was created; claims the session id
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+MAX_SESSION_ID = 64
+
+
+def is_session_id(sid: str) -> bool:
+    """Letters, digits, '-' and '_', 1 to 64 of them (what session ids may hold)."""
+    return 0 < len(sid) <= MAX_SESSION_ID and set(sid) <= _SAFE_ID
 
 
 @dataclass(frozen=True)
 class GatewayLimits:
-    max_chunk_bytes: int = 192_000  # 1 s of 48 kHz stereo 16-bit PCM
-    max_session_seconds: float = 6 * 3600.0
-    idle_timeout_seconds: float = 30.0  # no audio and no keep-alive for this long ends the session
-    first_message_timeout_seconds: float = 10.0
-    resume_retention_seconds: float = 60.0  # a dropped session waits this long for its client
-    max_prompt_chars: int = 500
-    max_new_tokens: int = 128
-    max_sessions: int = 256
-    min_sample_rate_hz: int = MIN_RATE
-    max_sample_rate_hz: int = MAX_RATE
-    max_channels: int = MAX_CHANNELS
+    """What one gateway accepts: sessions, audio, prompts, timeouts."""
+
+    ENV_GROUP: ClassVar[str] = "GATEWAY"
+
+    max_chunk_bytes: Annotated[int, "bytes per audio chunk (1 s of 48 kHz stereo 16-bit PCM)"] = 192_000
+    max_session_seconds: Annotated[float, "s of audio one session may send"] = 6 * 3600.0
+    idle_timeout_seconds: Annotated[float, "s without audio or keep-alive before a session is finalized"] = (
+        30.0
+    )
+    first_message_timeout_seconds: Annotated[float, "s a new stream has to send its SessionConfig"] = 10.0
+    resume_retention_seconds: Annotated[float, "s a dropped session waits for its client to resume"] = 60.0
+    max_prompt_chars: Annotated[int, "characters in a prompt"] = 500
+    max_new_tokens: Annotated[int, "tokens per live caption a client may ask for"] = 128
+    max_sessions: Annotated[int, "live sessions this gateway serves at once"] = 256
+    min_sample_rate_hz: Annotated[int, "lowest client sample rate, Hz"] = MIN_RATE
+    max_sample_rate_hz: Annotated[int, "highest client sample rate, Hz"] = MAX_RATE
+    max_channels: Annotated[int, "audio channels a client may send"] = MAX_CHANNELS
 
 
-@dataclass(frozen=True)
-class StreamSettings:
-    sample_rate: int = 16000
-    encoding: str = "LINEAR16"
-    channels: int = 1
-    session: SessionSettings = field(default_factory=SessionSettings)
-    language: str = ""
-
-    def validate(self, limits: GatewayLimits) -> None:
-        validate_format(self.sample_rate, self.encoding, self.channels)
-        self.session.validate()
-        if len(self.session.prompt) > limits.max_prompt_chars:
-            raise InvalidArgument(f"prompt is longer than {limits.max_prompt_chars} characters")
-        if self.session.max_new_tokens > limits.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens is above the limit of {limits.max_new_tokens}")
+def check_limits(settings: StreamSettings, limits: GatewayLimits) -> None:
+    """Validate a new session's settings, then hold them to this gateway's limits."""
+    settings.validate()
+    if len(settings.session.prompt) > limits.max_prompt_chars:
+        raise InvalidArgument(f"prompt is longer than {limits.max_prompt_chars} characters")
+    if settings.session.max_new_tokens > limits.max_new_tokens:
+        raise InvalidArgument(f"max_new_tokens is above the limit of {limits.max_new_tokens}")
 
 
 class EncoderLink(Protocol):
@@ -75,18 +82,6 @@ class EncoderLink(Protocol):
     def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None: ...
 
     def close(self, sid: str, flush: bool) -> None: ...
-
-
-@dataclass(frozen=True)
-class Event:
-    """One entry of a session's caption stream."""
-
-    id: str
-    fields: dict[str, str]
-
-    @property
-    def type(self) -> str:
-        return self.fields.get("type", "caption")
 
 
 class LiveSession:
@@ -106,7 +101,7 @@ class LiveSession:
         self.resumed = resumed
         self.samples = 0
         self.ended = False  # no more audio will be accepted
-        self.end_reason = ""  # why it ended early ("idle"), empty for a client's finalize/close
+        self.end_reason: EndReason | None = None  # why it ended early (IDLE), None for a finalize/close
         self.generation = 0  # bumped by every resume: only the newest call may detach the session
         self.last_activity = time.monotonic()
         self.lock = threading.Lock()
@@ -116,7 +111,7 @@ class LiveSession:
 
     @property
     def seconds(self) -> float:
-        return self.samples / 16000
+        return self.samples / SAMPLE_RATE
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -148,7 +143,7 @@ class LiveSession:
                 except InvalidArgument:
                     metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
                     raise
-            if (self.samples + samples.size) / 16000 > limits.max_session_seconds:
+            if (self.samples + samples.size) / SAMPLE_RATE > limits.max_session_seconds:
                 raise ResourceExhausted(
                     f"the session reached its maximum of {limits.max_session_seconds:.0f} s"
                 )
@@ -208,7 +203,7 @@ class LiveGateway:
         self.encoder = encoder
         self.limits = limits or GatewayLimits()
         self.defaults = defaults or TransportDefaults()
-        self.streams = StreamClient(client)
+        self.captions = CaptionStream(StreamClient(client), self.defaults.captions_maxlen)
         self._sessions: dict[str, LiveSession] = {}
         self._detached: dict[str, float] = {}  # sid -> monotonic time it lost its client
         self._lock = threading.Lock()
@@ -218,25 +213,19 @@ class LiveGateway:
 
     def create(self, settings: StreamSettings, session_id: str = "") -> LiveSession:
         """Register a new session in Redis and open its encoder session (no lock held over RPCs)."""
-        settings.validate(self.limits)
+        check_limits(settings, self.limits)
         sid = session_id or uuid.uuid4().hex
-        if not set(sid) <= _SAFE_ID or len(sid) > 64:
+        if not is_session_id(sid):
             raise InvalidArgument("session_id may hold only letters, digits, '-' and '_' (at most 64)")
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
                 raise ResourceExhausted(
                     f"this gateway serves its maximum of {self.limits.max_sessions} sessions"
                 )
-        cfg = settings_to_hash(settings.session) | {
-            "sample_rate": str(settings.sample_rate),
-            "encoding": settings.encoding,
-            "channels": str(settings.channels),
-            "language": settings.language,
-            "created": f"{time.time():.3f}",
-        }
+        cfg = settings_to_hash(settings) | {CREATED_FIELD: f"{time.time():.3f}"}
         if not self.redis.hsetnx(
-            keys.session_config(sid), "created", cfg["created"]
-        ):  # claims the id atomically
+            keys.session_config(sid), CREATED_FIELD, cfg[CREATED_FIELD]
+        ):  # claims the id
             raise InvalidArgument(f"session {sid} already exists; resume it instead")
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.session_config(sid), mapping=cfg)
@@ -282,13 +271,7 @@ class LiveGateway:
         if known is not None:
             settings, ended, last_seq = known.settings, known.ended, known.audio_seq
         else:
-            settings = StreamSettings(
-                int(fields["sample_rate"]),
-                fields["encoding"],
-                int(fields["channels"]),
-                settings_from_hash(raw),
-                fields.get("language", ""),
-            )
+            settings = settings_from_hash(raw)
             ended, last_seq = fields.get(ENDED_FIELD) == "1", int(fields.get(LAST_SEQ_FIELD, 0))
         if not ended:
             try:
@@ -326,19 +309,14 @@ class LiveGateway:
 
         Returns False when the session had in fact already ended (its caption stream holds its
         end): then it is only marked ended, and resumes replay its events."""
-        last = self.redis.xrevrange(keys.session_captions(sid), count=1)
-        already_ended = bool(last) and last[0][1].get(b"type") == b"end"
+        already_ended = self.captions.has_ended(sid)
         if already_ended:
             self.redis.hset(keys.session_config(sid), ENDED_FIELD, "1")
         else:
             log.warning("abandoning session %s: %s", sid, reason)
             self.redis.hset(keys.session_config(sid), ABANDONED_FIELD, reason)
-            self.streams.end_with_error(
-                sid,
-                f"{reason}; start a new session",
-                "FAILED_PRECONDITION",
-                "ENCODER_STATE_LOST",
-                self.defaults.captions_maxlen,
+            self.captions.end_with_error(
+                sid, f"{reason}; start a new session", "FAILED_PRECONDITION", "ENCODER_STATE_LOST"
             )
         self.redis.zrem(keys.ACTIVE_SESSIONS, sid)  # LM workers let it go (LMWorker._drop_abandoned)
         if session is not None:
@@ -386,11 +364,4 @@ class LiveGateway:
         return expired
 
     def read_events(self, sid: str, after: str, block_ms: int) -> list[Event]:
-        res = self.redis.xread(
-            {keys.session_captions(sid): after or "0-0"}, count=100, block=max(1, block_ms)
-        )
-        out: list[Event] = []
-        for _stream, entries in res or []:
-            for entry_id, fields in entries:
-                out.append(Event(entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
-        return out
+        return self.captions.read(sid, after, block_ms)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import unquote
 
 import av
@@ -34,27 +34,38 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnec
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from services import metrics
+from services.constants import SAMPLE_RATE
 from services.errors import InvalidArgument, MidashengError
-from services.gateway.live import Event, LiveGateway, LiveSession, StreamSettings
-from services.streaming.settings import SessionSettings
+from services.gateway.live import LiveGateway, LiveSession, check_limits
+from services.wire.events import EndEvent
+from services.wire.settings import StreamSettings
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000  # Hz, what LiveSession is fed
 CHANNEL_LABEL = "captions"
 ICE_ENV = "MIDASHENG_ICE_SERVERS"
 
 
 @dataclass(frozen=True)
 class WebRtcLimits:
-    chunk_seconds: float = 0.16  # s of audio per LiveSession.feed call
-    max_chunk_seconds: float = 1.0  # s, the most one feed call carries when catching up
-    buffer_seconds: float = 5.0  # s of audio buffered while the encoder is slow; older audio is dropped
-    inactivity_seconds: float = 15.0  # s without an audio frame (from the offer on) before the peer is closed
-    events_block_ms: int = 200  # ms, one Redis read of caption events
-    high_water_bytes: int = 256 * 1024  # data channel backlog above which interim captions are held back
-    end_wait_seconds: float = 10.0  # s to wait for the last caption after a client "stop"
-    io_threads: int = 0  # threads for blocking feed / Redis calls (0 = two per allowed session, + 4)
+    """How the WebRTC ingest buffers, feeds and relays one browser's stream."""
+
+    ENV_GROUP: ClassVar[str] = "WEBRTC"
+
+    chunk_seconds: Annotated[float, "s of audio per feed to the session"] = 0.16
+    max_chunk_seconds: Annotated[float, "s, the most one feed carries when catching up"] = 1.0
+    buffer_seconds: Annotated[
+        float, "s of audio buffered while the encoder is slow (older audio dropped)"
+    ] = 5.0
+    inactivity_seconds: Annotated[float, "s without an audio frame before the peer is closed"] = 15.0
+    events_block_ms: Annotated[int, "ms one Redis read of caption events waits"] = 200
+    high_water_bytes: Annotated[int, "data channel backlog above which interim captions are held back"] = (
+        256 * 1024
+    )
+    end_wait_seconds: Annotated[float, "s to wait for the last caption after a client's stop"] = 10.0
+    io_threads: Annotated[
+        int, "threads for blocking feed and Redis calls (0 = two per allowed session, + 4)"
+    ] = 0
 
 
 def parse_ice_server(spec: str) -> RTCIceServer:
@@ -88,95 +99,6 @@ def ice_server_json(server: RTCIceServer) -> dict[str, Any]:
     if server.username:
         out["username"], out["credential"] = server.username, server.credential
     return out
-
-
-def event_json(ev: Event) -> dict[str, Any]:
-    """A caption-stream entry as the JSON message the page receives (the gRPC event_pb, as JSON)."""
-    f = ev.fields
-    if ev.type == "caption":
-        return {
-            "type": "caption",
-            "event_id": ev.id,
-            "segment_id": int(f["segment_id"]),
-            "revision": int(f["revision"]),
-            "window_start": float(f["window_start"]),
-            "window_end": float(f["window_end"]),
-            "text": f.get("text", ""),
-            "is_final": f.get("is_final") == "1",
-            "audio_seconds": float(f.get("audio_seconds", 0.0)),
-            "adapter": f.get("adapter", ""),
-        }
-    if ev.type == "error":
-        return {
-            "type": "error",
-            "event_id": ev.id,
-            "message": f.get("message", ""),
-            "reason": f.get("reason", "lm"),
-            "fatal": f.get("fatal") == "1",
-        }
-    return {
-        "type": "ended",
-        "event_id": ev.id,
-        "reason": f.get("reason", ""),
-        "audio_seconds": float(f.get("audio_seconds", 0.0)),
-    }
-
-
-def settings_from_json(cfg: object) -> StreamSettings:
-    """The offer's ``config`` object -> StreamSettings for 16 kHz mono float32 (validated)."""
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        raise InvalidArgument("config must be a JSON object")
-    unknown = set(cfg) - {
-        "prompt",
-        "window_seconds",
-        "hop_seconds",
-        "adapter",
-        "interim_results",
-        "max_new_tokens",
-    }
-    if unknown:
-        raise InvalidArgument(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    base = SessionSettings()
-
-    def number(name: str, default: float) -> float:
-        v = cfg.get(name)
-        if v is None or v == "":
-            return default
-        if isinstance(v, bool) or not isinstance(v, int | float | str):
-            raise InvalidArgument(f"config.{name} must be a number")
-        try:
-            x = float(v)
-        except ValueError as e:
-            raise InvalidArgument(f"config.{name} must be a number, got {v!r}") from e
-        if not np.isfinite(x):
-            raise InvalidArgument(f"config.{name} must be a finite number")
-        return x
-
-    def text(name: str, default: str) -> str:
-        v = cfg.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            raise InvalidArgument(f"config.{name} must be a string")
-        return v.strip() or default
-
-    interim = cfg.get("interim_results", True)
-    if not isinstance(interim, bool):
-        raise InvalidArgument("config.interim_results must be true or false")
-    max_tokens = number("max_new_tokens", base.max_new_tokens)
-    if max_tokens != int(max_tokens):
-        raise InvalidArgument("config.max_new_tokens must be a whole number")
-    session = SessionSettings(
-        window_seconds=number("window_seconds", base.window_seconds),
-        hop_seconds=number("hop_seconds", base.hop_seconds),
-        prompt=text("prompt", base.prompt),
-        interim_results=interim,
-        max_new_tokens=int(max_tokens),
-        adapter=text("adapter", ""),
-    )
-    return StreamSettings(sample_rate=SAMPLE_RATE, encoding="FLOAT32", channels=1, session=session)
 
 
 class AudioBuffer:
@@ -358,11 +280,10 @@ class Peer:
             events = await loop.run_in_executor(self.ingest.pool, session.events, cursor, block)
             self.flush_pending()
             for ev in events:
-                cursor = ev.id
-                msg = event_json(ev)
-                self.deliver(msg)
-                if msg["type"] == "ended":
-                    self.end_reason = self.end_reason or msg["reason"] or "ended"
+                cursor = ev.event_id
+                self.deliver(ev.to_json())
+                if isinstance(ev, EndEvent):
+                    self.end_reason = self.end_reason or ev.reason.value
                     self.spawn(self._close_later(self.end_reason), "close")
                     return
 
@@ -501,7 +422,7 @@ class WebRtcIngest:
             raise InvalidArgument("sdp must be an SDP offer (text starting with 'v=0')")
         if "m=audio" not in sdp:
             raise InvalidArgument("the offer has no audio track; add a microphone or tab-audio track")
-        settings.validate(self.gateway.limits)
+        check_limits(settings, self.gateway.limits)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers)))
         peer = Peer(self, pc)
         self._wire(peer)

@@ -14,7 +14,8 @@ from enum import StrEnum
 from typing import Any
 
 from services.errors import InvalidArgument, MidashengError
-from services.training.train import DECODER_LORA_TARGETS, TrainConfig
+from services.model.adapters import DECODER_LORA_TARGETS
+from services.training.train import TrainConfig
 
 _TRAIN = TrainConfig(data=None, out=None)  # type: ignore[arg-type]  # only read for its defaults
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +22,11 @@ from services.jobs.model import (
     JobSpec,
     JobStatus,
 )
-from services.jobs.store import JobStore
+from services.jobs.store import JobDefaults, JobStore
 from services.pb.midasheng.v1 import jobs_pb2, jobs_pb2_grpc
-from services.runtime import redis_url_from, wait_for_shutdown
 
 log = logging.getLogger(__name__)
-SERVICE = "midasheng.v1.JobService"
+SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 _DEFAULT_HP = Hyperparameters()
 _METHOD_TO_PB = {"lora": jobs_pb2.LORA, "full": jobs_pb2.FULL}
 _STATUS_TO_PB = {s: jobs_pb2.JobStatus.Value(s.value.upper()) for s in JobStatus}
@@ -178,15 +176,17 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @rpc.unary
     @_already_exists
-    def CreateJob(self, request, context):  # type: ignore[no-untyped-def]
+    def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
         return job_to_pb(self.api.create(spec_from_pb(request)))
 
     @rpc.unary
-    def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
         return job_to_pb(self.api.get(request.job_id))
 
     @rpc.unary
-    def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+    def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
         statuses = tuple(_STATUS_FROM_PB[s] for s in request.statuses if s in _STATUS_FROM_PB)
         if request.statuses and not statuses:
             return jobs_pb2.ListJobsResponse()  # only JOB_STATUS_UNSPECIFIED: matches nothing
@@ -194,23 +194,29 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
     @rpc.unary
-    def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.Job:
         return job_to_pb(self.api.cancel(request.job_id))
 
     @rpc.streaming
-    def StreamJobEvents(self, request, context):  # type: ignore[no-untyped-def]
+    def StreamJobEvents(
+        self, request: jobs_pb2.JobEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[jobs_pb2.JobEvent]:
         for ev in self.api.events(request.job_id, request.after_event_id, request.follow, context.is_active):
             yield event_to_pb(ev)
 
     @rpc.unary
-    def ListAdapters(self, request, context):  # type: ignore[no-untyped-def]
+    def ListAdapters(
+        self, request: jobs_pb2.ListAdaptersRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.ListAdaptersResponse:
         adapters, token = self.api.adapters(request.page_size, request.page_token, request.base_model)
         return jobs_pb2.ListAdaptersResponse(
             adapters=[adapter_to_pb(a) for a in adapters], next_page_token=token
         )
 
     @rpc.unary
-    def GetAdapter(self, request, context):  # type: ignore[no-untyped-def]
+    def GetAdapter(
+        self, request: jobs_pb2.GetAdapterRequest, context: grpc.ServicerContext
+    ) -> jobs_pb2.Adapter:
         return adapter_to_pb(self.api.adapter(request.name))
 
 
@@ -226,11 +232,15 @@ class JobsServer:
 
 
 def start_jobs_server(
-    redis_url: str, address: str = "127.0.0.1:0", jobs_dir: str | None = None, base_model: str = "demo"
+    redis_url: str,
+    address: str = "127.0.0.1:0",
+    jobs_dir: str | None = None,
+    base_model: str = "demo",
+    defaults: JobDefaults | None = None,
 ) -> JobsServer:
     """Serve JobService (plus health and reflection). ``jobs_dir`` is where workers write; the server
     itself only reads Redis, so it is informational here."""
-    api = JobsAPI(JobStore.from_url(redis_url), default_base_model=base_model)
+    api = JobsAPI(JobStore.from_url(redis_url, defaults), default_base_model=base_model)
     server = rpc.make_server()
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(api), server)
     rpc.add_health_and_reflection(server, [SERVICE])
@@ -238,9 +248,3 @@ def start_jobs_server(
     server.start()
     log.info("job service listening on port %d (jobs dir %s)", port, jobs_dir or "-")
     return JobsServer(server, port, api)
-
-
-def run(args: argparse.Namespace) -> int:
-    srv = start_jobs_server(redis_url_from(args.redis_url), args.listen, args.jobs_dir, args.base_model)
-    print(f"jobs ready on port {srv.port}", flush=True)
-    return wait_for_shutdown(srv.stop)

@@ -18,69 +18,35 @@ import base64
 import binascii
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, ClassVar
 
 import redis
 
 from services.errors import ConfigError, InvalidArgument, NotFound
 from services.jobs.model import Adapter, AlreadyExists, EventKind, Job, JobEvent, JobStatus
-from services.transport.keys import PREFIX
-
-if TYPE_CHECKING:
-    from services.model.modeling import MiDashengLM
-
-JOBS_INDEX = f"{PREFIX}:jobs:index"
-"""Sorted set of every job id (score 0, ids sort by creation time)."""
-ADAPTERS = f"{PREFIX}:adapters"
-"""Hash of registered adapters: name -> Adapter JSON."""
-JOB_GROUP = "trainers"
-"""Consumer group of the training workers on ``JOBS_STREAM``."""
-
-
-def _job(job_id: str, suffix: str = "") -> str:
-    if (
-        not isinstance(job_id, str)
-        or not job_id
-        or len(job_id) > 64
-        or any(c.isspace() or c == ":" for c in job_id)
-    ):
-        raise InvalidArgument(
-            f"A job id must be 1 to 64 characters without whitespace or ':', got {job_id!r}."
-        )
-    return f"{PREFIX}:job:{job_id}{suffix}"
-
-
-def job_key(job_id: str) -> str:
-    """Hash holding one job's document, status, cancel flag and event counter."""
-    return _job(job_id)
-
-
-def job_events_key(job_id: str) -> str:
-    """Capped stream of one job's events."""
-    return _job(job_id, ":events")
-
-
-def job_lease_key(job_id: str) -> str:
-    """Lease of the worker running the job."""
-    return _job(job_id, ":lease")
+from services.model.adapters import AdapterResolver, check_adapter_dir
+from services.model.checkpoint import resolve_model_dir
+from services.transport.keys import ADAPTERS, JOBS_INDEX, job_events_key, job_key, job_lease_key
 
 
 @dataclass(frozen=True)
 class JobDefaults:
     """Caps, TTLs and timeouts of the jobs service; every number carries its unit."""
 
-    events_maxlen: int = 10000  # events kept per job (oldest trimmed)
-    jobs_stream_maxlen: int = 100000  # queued job entries kept in JOBS_STREAM
-    lease_ttl_ms: int = 15000  # a worker that stops heartbeating loses its job after this
-    heartbeat_ms: int = 3000  # lease renewal (and job entry refresh) interval
-    claim_min_idle_ms: int = 30000  # a job entry this idle is taken over by another worker
-    max_attempts: int = 3  # training attempts (start, takeover, retry) before the job FAILs
-    block_ms: int = 1000  # longest blocking read
-    page_size: int = 20
-    max_page_size: int = 100
+    ENV_GROUP: ClassVar[str] = "JOBS"
+
+    events_maxlen: Annotated[int, "events kept per job (oldest trimmed)"] = 10000
+    jobs_stream_maxlen: Annotated[int, "queued job entries kept in the jobs stream"] = 100000
+    lease_ttl_ms: Annotated[int, "ms after which a worker that stops heartbeating loses its job"] = 15000
+    heartbeat_ms: Annotated[int, "ms between lease renewals (and job entry refreshes)"] = 3000
+    claim_min_idle_ms: Annotated[int, "ms a job entry must idle before another worker takes it over"] = 30000
+    max_attempts: Annotated[int, "training attempts (start, takeover, retry) before the job fails"] = 3
+    block_ms: Annotated[int, "ms one blocking read waits at most"] = 1000
+    page_size: Annotated[int, "jobs per list page by default"] = 20
+    max_page_size: Annotated[int, "jobs per list page at most"] = 100
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -178,7 +144,7 @@ class JobStore:
         doc = self.client.hget(job_key(job_id), "doc")
         if doc is None:
             raise NotFound(f"Job {job_id!r} does not exist.")
-        return Job.from_json(doc)  # type: ignore[arg-type]
+        return Job.from_json(doc)
 
     def event(self, job: Job, kind: EventKind, message: str = "", **fields: Any) -> JobEvent:
         """An event carrying the job's status, step and total steps now."""
@@ -314,7 +280,7 @@ class JobStore:
         doc = self.client.hget(ADAPTERS, name)
         if doc is None:
             raise NotFound(f"Adapter {name!r} is not registered.")
-        return Adapter.from_json(doc)  # type: ignore[arg-type]
+        return Adapter.from_json(doc)
 
     def list_adapters(
         self, page_size: int = 0, page_token: str = "", base_model: str = ""
@@ -333,8 +299,8 @@ class JobStore:
         return page, _token(page[-1].name) if more and page else ""
 
 
-def adapter_loader_from_registry(redis_url: str, base_model_dir: str | Path) -> Callable[[str], MiDashengLM]:
-    """``SimpleEngine(adapter_loader=...)``: adapters looked up in the Redis registry by name.
+def adapters_in_registry(redis_url: str, base_model_dir: str | Path) -> AdapterResolver:
+    """Adapters looked up by name in the jobs registry in Redis.
 
     Refuses an adapter trained on another base model than the one served (a clear error rather
     than garbage captions).
@@ -342,10 +308,7 @@ def adapter_loader_from_registry(redis_url: str, base_model_dir: str | Path) -> 
     store = JobStore.from_url(redis_url)
     served = Path(base_model_dir).resolve()
 
-    def load(name: str) -> MiDashengLM:
-        from services.model.checkpoint import resolve_model_dir
-        from services.training.train import load_with_adapter
-
+    def resolve(name: str) -> Path:
         adapter = store.get_adapter(name)
         try:
             trained_on = resolve_model_dir(adapter.base_model).resolve()
@@ -355,8 +318,6 @@ def adapter_loader_from_registry(redis_url: str, base_model_dir: str | Path) -> 
             raise InvalidArgument(
                 f"Adapter {name!r} was trained on {adapter.base_model}, but this server serves {base_model_dir}."
             )
-        if not (Path(adapter.path) / "adapter_config.json").exists():
-            raise NotFound(f"Adapter {name!r} is registered but its files are missing from {adapter.path}.")
-        return load_with_adapter(served, adapter.path)
+        return check_adapter_dir(name, Path(adapter.path))
 
-    return load
+    return resolve

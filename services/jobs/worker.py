@@ -31,11 +31,12 @@ from typing import Any
 
 import redis
 
+from services import config
 from services.errors import CheckpointError, ConfigError, DatasetError, InvalidArgument
 from services.jobs.model import Adapter, AlreadyExists, EventKind, Job, JobError, JobStatus
-from services.jobs.store import JOB_GROUP, JobDefaults, JobStore, WriteRefused, job_lease_key
+from services.jobs.store import JobDefaults, JobStore, WriteRefused
 from services.jobs.validate import local_path
-from services.transport.keys import JOBS_STREAM, TransportDefaults
+from services.transport.keys import JOB_GROUP, JOBS_STREAM, TransportDefaults, job_lease_key
 from services.transport.lease import Lease
 from services.transport.streams import Consumer, Entry, StreamClient
 
@@ -520,7 +521,6 @@ def _visible_gpus() -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = JobDefaults()
     p.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
     p.add_argument(
         "--jobs-dir",
@@ -548,19 +548,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_METRICS_EVERY,
         help="steps averaged into one METRICS event (default: %(default)s)",
     )
-    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
-    p.add_argument("--lease-ttl-ms", type=int, default=d.lease_ttl_ms)
-    p.add_argument("--heartbeat-ms", type=int, default=d.heartbeat_ms)
-    p.add_argument("--claim-idle-ms", type=int, default=d.claim_min_idle_ms)
+    config.add_flags(p, JobDefaults)
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
-    defaults = JobDefaults(
-        max_attempts=args.max_attempts,
-        lease_ttl_ms=args.lease_ttl_ms,
-        heartbeat_ms=args.heartbeat_ms,
-        claim_min_idle_ms=args.claim_idle_ms,
-    )
+    defaults = config.from_args(JobDefaults, args)
     kw: dict[str, Any] = {}
     if args.worker_id:
         kw["worker_id"] = args.worker_id

@@ -221,7 +221,7 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list
 def save_model(
     model: MiDashengLM,
     out_dir: str | os.PathLike[str],
-    tokenizer=None,  # type: ignore[no-untyped-def]
+    tokenizer=None,
     max_shard_bytes: int | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Path:
@@ -256,7 +256,7 @@ def save_model(
     return out
 
 
-def load_tokenizer(model_dir: str | os.PathLike[str] | None):  # type: ignore[no-untyped-def]
+def load_tokenizer(model_dir: str | os.PathLike[str] | None):
     """The checkpoint's fast tokenizer (``tokenizer.json``; the real model's Qwen2 files included)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

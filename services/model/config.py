@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import Qwen2Config
 
+from services.constants import ENCODER_WINDOW_FRAMES, HOP_LENGTH, SAMPLE_RATE
 from services.errors import ConfigError
 
 MODEL_TYPE = "midashenglm"
@@ -57,15 +58,15 @@ class EncoderConfig:
     num_heads: int = 16
     patch_size: tuple[int, int] = (64, 4)
     patch_stride: tuple[int, int] = (64, 4)
-    target_length: int = 1008  # frames per attention window (10.08 s)
+    target_length: int = ENCODER_WINDOW_FRAMES  # frames per attention window (10.08 s)
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     init_values: float | None = None
     input_channels: int = 1
-    sample_rate: int = 16000  # Hz
+    sample_rate: int = SAMPLE_RATE  # Hz
     n_fft: int = 512
     win_length: int = 512
-    hop_length: int = 160  # samples per mel frame (10 ms)
+    hop_length: int = HOP_LENGTH  # samples per mel frame (10 ms)
     n_mels: int = 64
     f_min: float = 0.0
     f_max: float = 8000.0
@@ -84,7 +85,7 @@ class EncoderConfig:
             )
         if self.init_values is not None:
             raise ConfigError("LayerScale (init_values) is not used by MiDashengLM and is not supported.")
-        if self.sample_rate != 16000:
+        if self.sample_rate != SAMPLE_RATE:
             raise ConfigError(f"The encoder expects 16 kHz audio, config says {self.sample_rate} Hz.")
 
     @property

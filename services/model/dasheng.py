@@ -18,7 +18,7 @@ from services.model.frontend import LogMelFrontend
 class Fp32BatchNorm2d(nn.BatchNorm2d):
     """BatchNorm that stays fp32 when the model is cast (the reference warns fp16/bf16 gives NaN)."""
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for name in ("weight", "bias"):
             p = getattr(self, name)

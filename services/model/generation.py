@@ -74,7 +74,6 @@ def generate(
     )
 
 
-@torch.inference_mode()
 def generate_from_audio_embeds(
     model: MiDashengLM,
     input_ids: torch.Tensor,
@@ -86,6 +85,24 @@ def generate_from_audio_embeds(
     pad_id: int = 0,
 ) -> list[list[int]]:
     """Decode from precomputed audio tokens (A, T5, H): the live path, where the encoder runs elsewhere."""
+    rows, _ = generate_with_stops(
+        model, input_ids, attention_mask, audio_embeds, audio_token_counts, stop_ids, options, pad_id
+    )
+    return rows
+
+
+@torch.inference_mode()
+def generate_with_stops(
+    model: MiDashengLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    audio_embeds: torch.Tensor,
+    audio_token_counts: torch.Tensor,
+    stop_ids: Sequence[int],
+    options: GenerationOptions = GenerationOptions(),
+    pad_id: int = 0,
+) -> tuple[list[list[int]], list[bool]]:
+    """:func:`generate_from_audio_embeds`, and for each row whether it ended on a stop token."""
     options.validate()
     dev = model.device
     input_ids, attention = input_ids.to(dev), attention_mask.to(dev)
@@ -144,9 +161,11 @@ def generate_from_audio_embeds(
             )
 
     result: list[list[int]] = []
+    stopped: list[bool] = []
     stacked = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(batch)]
     stop_set = set(int(s) for s in stop_ids)
     for row in stacked:
         cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
         result.append(row[:cut])
-    return result
+        stopped.append(cut < len(row))
+    return result, stopped

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from services.constants import DEFAULT_PROMPT, SAMPLES_PER_TOKEN
 from services.errors import InvalidArgument
 from services.model.config import MiDashengLMConfig
 from services.model.modeling import num_audio_tokens
@@ -22,8 +23,9 @@ AUDIO_EOS = "<|audio_eos|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 AUDIO_SPAN = AUDIO_BOS + AUDIO_TOKEN + AUDIO_EOS
-DEFAULT_PROMPT = "Caption the audio."
-MIN_SAMPLES = 3200  # 0.2 s: the shortest clip that yields one 5 Hz token; shorter audio is zero-padded
+MIN_SAMPLES = (
+    SAMPLES_PER_TOKEN  # 0.2 s: the shortest clip that yields one 5 Hz token; shorter audio is zero-padded
+)
 IGNORE_INDEX = -100
 
 
@@ -68,7 +70,7 @@ def prepare_audio(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
 class MiDashengProcessor:
     """Turns (prompt text, audio) pairs into :class:`ModelInputs` with a transformers tokenizer."""
 
-    def __init__(self, tokenizer, config: MiDashengLMConfig) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tokenizer, config: MiDashengLMConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
         enc = config.audio_encoder_config

@@ -15,8 +15,9 @@ import numpy as np
 import soundfile as sf
 
 from services.audio.io import decode_audio
+from services.constants import DEFAULT_PROMPT, SAMPLE_RATE
 from services.errors import AudioDecodeError, DatasetError
-from services.model.processor import DEFAULT_PROMPT, MiDashengProcessor, ModelInputs, build_prompt
+from services.model.processor import MiDashengProcessor, ModelInputs, build_prompt
 
 COLUMNS = ("audio", "system_prompt", "user_prompt", "prediction")
 ON_ERROR = ("skip", "fail")
@@ -43,7 +44,7 @@ def _probe_audio(path: str) -> tuple[str | None, float]:
         info = sf.info(str(p))
     except Exception:  # not a libsndfile format (mp3, m4a, ...): decode it to be sure
         try:
-            return None, len(decode_audio(p)) / 16000
+            return None, len(decode_audio(p)) / SAMPLE_RATE
         except AudioDecodeError as e:
             return str(e), 0.0
     if info.frames <= 0:

@@ -10,12 +10,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from services.captioner import pick_device
-from services.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
-from services.model.generation import GenerationOptions, generate
+from services.constants import DEFAULT_MAX_NEW_TOKENS
+from services.model.adapters import merge_into
+from services.model.generation import GenerationOptions
+from services.model.loading import LoadedModel, load_pretrained
 from services.model.modeling import MiDashengLM
 from services.model.processor import MiDashengProcessor
-from services.training.data import collate, read_dataset
+from services.training.data import Row, load_row_audio, read_dataset
 from services.training.metrics import corpus_scores, exact_match, word_f1
 from services.training.synth import types_in_caption
 
@@ -46,17 +47,34 @@ def type_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[s
 def caption_rows(
     model: MiDashengLM,
     processor: MiDashengProcessor,
-    rows: Sequence[Any],
+    rows: Sequence[Row],
     batch_size: int = 16,
     progress: bool = False,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> list[str]:
+    """Each row's caption by ``model``, through the serving path (offline captioning over the
+    reference engine), so that scores measure what is served."""
+    from lm_service.engines.reference import ReferenceEngine
+    from lm_service.offline import Captioner
+
+    captioner = Captioner(ReferenceEngine(LoadedModel(model, processor, Path(".")), max_batch=batch_size))
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
     preds: list[str] = []
-    opts = GenerationOptions(max_new_tokens=max_new_tokens)
-    for i in tqdm(range(0, len(rows), batch_size), desc="evaluating", unit="batch", disable=not progress):
-        batch = collate(processor, rows[i : i + batch_size], with_answers=False)
-        ids = generate(model, batch, processor.stop_ids(), opts, pad_id=processor.pad_id)
-        preds.extend(processor.decode(r) for r in ids)
+    try:
+        for i in tqdm(range(0, len(rows), batch_size), desc="evaluating", unit="batch", disable=not progress):
+            part = rows[i : i + batch_size]
+            by_prompt: dict[tuple[str, str], list[int]] = {}
+            for k, r in enumerate(part):
+                by_prompt.setdefault((r.user_prompt, r.system_prompt), []).append(k)
+            texts = [""] * len(part)
+            for (user, system), idx in by_prompt.items():
+                audios = [load_row_audio(part[k]) for k in idx]
+                results = captioner.caption_clips(audios, user, options, system_prompt=system or None)
+                for k, res in zip(idx, results, strict=True):
+                    texts[k] = res.text
+            preds.extend(texts)
+    finally:
+        captioner.close()
     return preds
 
 
@@ -72,15 +90,10 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     rows, problems = read_dataset(data, on_error="skip")
     rows = rows[:limit] if limit else rows
-    path = resolve_model_dir(str(model_dir) if model_dir is not None else None)
-    dev = pick_device(device)
-    model = load_model(path, device=dev)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()  # type: ignore[assignment]
-    processor = MiDashengProcessor(load_tokenizer(path), model.config)
-    preds = caption_rows(model, processor, rows, batch_size, progress)
+    loaded = load_pretrained(model_dir, device, "float32")
+    assert loaded.processor is not None
+    model = loaded.model if adapter is None else merge_into(loaded.model, adapter)
+    preds = caption_rows(model, loaded.processor, rows, batch_size, progress)
     refs = [r.prediction for r in rows]
     scores: dict[str, Any] = {
         **corpus_scores(preds, refs),

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16000  # Hz, what the log-mel front end expects
-MIN_SAMPLE_RATE = 16000  # Hz, the highest rendered component (sweeps) reaches 7 kHz
+from services.constants import DEFAULT_PROMPT, SAMPLE_RATE
+
+MIN_SAMPLE_RATE = SAMPLE_RATE  # Hz, the highest rendered component (sweeps) reaches 7 kHz
 CLIP_SECONDS = (1.0, 10.0)  # s, clip duration range (uniform)
 SEQUENCE_MIN_SECONDS = 2.5  # s, shortest clip holding a two-part sequence
 SEQUENCE_PART_MIN_SECONDS = 1.0  # s, shortest part of a sequence
@@ -46,7 +47,7 @@ FADE_SECONDS = 0.005  # s, raised-cosine fade at the edges of every rendered par
 NOISE_LOW_CUT_HZ = 20.0  # Hz, coloured-noise shaping is flat below this (keeps brown noise finite)
 FORM_PROBS = {"single": 0.4, "mixture": 0.3, "sequence": 0.3}
 FORMS = tuple(FORM_PROBS)
-DEFAULT_USER_PROMPT = "Caption the audio."
+DEFAULT_USER_PROMPT = DEFAULT_PROMPT
 CSV_HEADER = ("audio", "system_prompt", "user_prompt", "prediction")
 
 RenderFn = Callable[[np.random.Generator, int, int], np.ndarray]

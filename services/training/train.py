@@ -26,13 +26,14 @@ import torch
 from tqdm import tqdm
 
 from services.errors import ConfigError
+from services.model.adapters import merge_adapter
 from services.model.checkpoint import build_model, load_model, load_tokenizer, resolve_model_dir, save_model
 from services.model.config import tiny_config
-from services.model.generation import GenerationOptions, generate
 from services.model.modeling import MiDashengLM
 from services.model.processor import MiDashengProcessor
-from services.training.data import EpochSampler, Row, collate, prefetch, read_dataset, split_rows
+from services.training.data import EpochSampler, Row, prefetch, read_dataset, split_rows
 from services.training.distributed import Dist
+from services.training.evaluate import caption_rows
 from services.training.metrics import corpus_scores
 
 # LoRA targets from the paper's recipe: encoder attention, the projector, every decoder projection.
@@ -49,10 +50,6 @@ DEFAULT_LORA_TARGETS = (
     "up_proj",
     "down_proj",
 )
-# Decoder-only targets: what a live adapter needs, since the shared encoder service runs the base
-# encoder and projector for every stream (one encoder batch serves all sessions, whatever adapter).
-DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ENCODER_SIDE_TARGETS = ("attn.qkv", "attn.proj", "audio_projector.net.0", "audio_projector.net.2")
 METHODS = ("full", "lora")
 # Architectures for models trained from scratch (``--config``): same layout as the real model.
 ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -254,7 +251,7 @@ class Trainer:
     def base_model(self) -> MiDashengLM:
         """The MiDashengLM inside a peft wrapper (or the model itself)."""
         m: Any = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m  # type: ignore[no-any-return]
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -341,14 +338,7 @@ class Trainer:
         if not rows:
             return {}
         self.model.eval()
-        preds: list[str] = []
-        opts = GenerationOptions(max_new_tokens=48)
-        for i in range(0, len(rows), batch_size):
-            batch = collate(self.processor, rows[i : i + batch_size], with_answers=False)
-            ids = generate(
-                self.base_model, batch, self.processor.stop_ids(), opts, pad_id=self.processor.pad_id
-            )
-            preds.extend(self.processor.decode(r) for r in ids)
+        preds = caption_rows(self.base_model, self.processor, rows, batch_size)
         self._train_mode(self.model)
         return corpus_scores(preds, [r.prediction for r in rows])
 
@@ -472,34 +462,6 @@ class Trainer:
         if self.cfg.merge:
             result["merged"] = str(merge_adapter(self.cfg.model, adapter, self.out / "merged"))
         return result
-
-
-def merge_adapter(base: str | Path | None, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Load ``base``, apply a LoRA adapter, merge it and save in the published layout."""
-    from peft import PeftModel
-
-    base_dir = resolve_model_dir(str(base) if base is not None else None)
-    model = load_model(base_dir, dtype="float32")
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    return save_model(merged, out_dir, load_tokenizer(base_dir))  # type: ignore[arg-type]
-
-
-def load_with_adapter(base: str | Path | None, adapter_dir: str | Path, device: str = "cpu") -> MiDashengLM:
-    """A base model with a LoRA adapter merged in memory (for evaluation and serving)."""
-    from peft import PeftModel
-
-    targets = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_modules") or []
-    encoder_side = sorted(set(targets) & set(ENCODER_SIDE_TARGETS))
-    if encoder_side:
-        log.warning(
-            "adapter %s also adapts %s: live streams apply only its decoder part (the encoder service "
-            "runs the base encoder); offline captioning and merged checkpoints use all of it",
-            adapter_dir,
-            encoder_side,
-        )
-
-    model = load_model(resolve_model_dir(str(base) if base is not None else None), device=device)
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()  # type: ignore[no-any-return]
 
 
 def config_from_args(**kwargs: Any) -> TrainConfig:

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from services.errors import InvalidArgument
 from services.transport.keys import COUNTERS
@@ -63,6 +64,10 @@ return result
 )
 
 
+# Registered once (its SHA1 computed once); EVALSHA on each call, loaded again if the server lost it.
+_APPLY = Script(None, _APPLY_LUA.encode())
+
+
 def apply_once(
     client: redis.Redis,
     *,
@@ -102,5 +107,5 @@ def apply_once(
         flat = flatten_fields(fields)
         keys.append(stream)
         args += [maxlen, len(flat), *flat]
-    reply = client.register_script(_APPLY_LUA)(keys=keys, args=args)
+    reply = _APPLY(keys=keys, args=args, client=client)
     return ApplyStatus(as_text(reply[0])), [as_text(i) for i in reply[1:]]

@@ -7,6 +7,7 @@ Every key the services touch is built here, under ``PREFIX``. Per-session keys s
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Annotated, ClassVar
 
 from services.errors import ConfigError, InvalidArgument
 
@@ -20,6 +21,12 @@ COUNTERS = f"{PREFIX}:counters"
 """Hash of counted drops (``dropped:<stream>``) and dead letters (``deadletters``)."""
 JOBS_STREAM = f"{PREFIX}:jobs"
 """Stream of training jobs (jobs API -> training workers)."""
+JOB_GROUP = "trainers"
+"""Consumer group of the training workers on ``JOBS_STREAM``."""
+JOBS_INDEX = f"{PREFIX}:jobs:index"
+"""Sorted set of every job id (score 0, ids sort by creation time)."""
+ADAPTERS = f"{PREFIX}:adapters"
+"""Hash of registered adapters: name -> Adapter JSON."""
 
 
 def _session(sid: str, suffix: str) -> str:
@@ -53,6 +60,34 @@ def session_config(sid: str) -> str:
     return _session(sid, "config")
 
 
+def _job(job_id: str, suffix: str = "") -> str:
+    if (
+        not isinstance(job_id, str)
+        or not job_id
+        or len(job_id) > 64
+        or any(c.isspace() or c == ":" for c in job_id)
+    ):
+        raise InvalidArgument(
+            f"A job id must be 1 to 64 characters without whitespace or ':', got {job_id!r}."
+        )
+    return f"{PREFIX}:job:{job_id}{suffix}"
+
+
+def job_key(job_id: str) -> str:
+    """Hash holding one job's document, status, cancel flag and event counter."""
+    return _job(job_id)
+
+
+def job_events_key(job_id: str) -> str:
+    """Capped stream of one job's events."""
+    return _job(job_id, ":events")
+
+
+def job_lease_key(job_id: str) -> str:
+    """Lease of the worker running the job."""
+    return _job(job_id, ":lease")
+
+
 @dataclass(frozen=True)
 class TransportDefaults:
     """Caps, TTLs and timeouts of the Redis transport; every number carries its unit.
@@ -63,15 +98,17 @@ class TransportDefaults:
     dead-lettered.
     """
 
-    tokens_maxlen: int = 2000
-    captions_maxlen: int = 5000
-    deadletter_maxlen: int = 10000
-    lease_ttl_ms: int = 3000
-    heartbeat_ms: int = 1000
-    claim_min_idle_ms: int = 5000
-    max_deliveries: int = 3
-    block_ms: int = 200
-    session_ttl_s: int = 3600
+    ENV_GROUP: ClassVar[str] = "TRANSPORT"
+
+    tokens_maxlen: Annotated[int, "audio-token publications kept per session stream"] = 2000
+    captions_maxlen: Annotated[int, "caption events kept per session stream"] = 5000
+    deadletter_maxlen: Annotated[int, "entries kept in the dead-letter stream"] = 10000
+    lease_ttl_ms: Annotated[int, "ms an LM worker's session lease lasts without a heartbeat"] = 3000
+    heartbeat_ms: Annotated[int, "ms between lease renewals (shorter than lease_ttl_ms)"] = 1000
+    claim_min_idle_ms: Annotated[int, "ms a pending entry must idle before another consumer claims it"] = 5000
+    max_deliveries: Annotated[int, "deliveries of an entry before it is dead-lettered"] = 3
+    block_ms: Annotated[int, "ms one blocking stream read waits at most"] = 200
+    session_ttl_s: Annotated[int, "s an ended session's keys (captions for downloads) are kept"] = 3600
 
     def __post_init__(self) -> None:
         for f in fields(self):

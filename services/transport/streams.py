@@ -17,7 +17,6 @@ import redis
 from redis.client import NEVER_DECODE
 
 from services.errors import InvalidArgument
-from services.transport import keys
 from services.transport.keys import COUNTERS, DEAD_LETTERS, TransportDefaults
 
 log = logging.getLogger(__name__)
@@ -82,6 +81,11 @@ class Entry:
 def as_text(value: Any) -> str:
     """A reply value (bytes or text, by the client's decoding) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def entry_time(entry_id: str) -> float:
+    """Seconds since the epoch at which a stream entry was added (its id's millisecond part)."""
+    return int(entry_id.split("-")[0]) / 1000.0
 
 
 def _bytes(value: Any) -> bytes:
@@ -180,16 +184,6 @@ class StreamClient:
         check_maxlen(maxlen)
         args = [maxlen, counter or stream, *flatten_fields(fields)]
         return as_text(self._add(keys=[stream, COUNTERS], args=args))
-
-    def end_with_error(self, sid: str, message: str, code: str, reason: str, maxlen: int) -> None:
-        """End a session's caption stream for its clients: a fatal error event, then the end."""
-        captions = keys.session_captions(sid)
-        self.add(
-            captions,
-            {"type": "error", "fatal": "1", "code": code, "reason": reason, "message": message},
-            maxlen,
-        )
-        self.add(captions, {"type": "end", "reason": "error"}, maxlen)
 
     def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
         """Create the consumer group (and the stream) unless it exists; ``start`` "0" = all history."""

@@ -21,13 +21,13 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from encoder_service.server import start_encoder_server
-from lm_service.server import build_engine, start_lm_server
+from lm_service.server import start_lm_server
 from services.audio.subtitles import parse_webvtt
 from services.gateway.http import start_http
 from services.gateway.server import GatewayServer, start_gateway
-from services.gateway.webrtc import AudioBuffer, WebRtcLimits, parse_ice_server, settings_from_json
-from services.model.checkpoint import load_model
+from services.gateway.webrtc import AudioBuffer, WebRtcLimits, parse_ice_server
 from services.training.synth import render_sound, types_in_caption
+from services.wire.settings import settings_from_json
 
 RATE = 48000  # Hz, what a browser sends
 FRAME = 960  # samples, 20 ms (one Opus frame)
@@ -35,8 +35,8 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def models() -> tuple[Any, Any]:
-    return load_model(None), build_engine(None, "cpu")
+def models(encoder_model: Any, engine: Any) -> tuple[Any, Any]:
+    return encoder_model, engine
 
 
 @dataclass

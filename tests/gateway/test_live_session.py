@@ -10,7 +10,8 @@ import pytest
 
 from services.audio.pcm import PcmConverter
 from services.errors import InvalidArgument
-from services.gateway.live import GatewayLimits, LiveSession, StreamSettings
+from services.gateway.live import GatewayLimits, LiveSession
+from services.wire.settings import StreamSettings
 
 
 class PushFailed(Exception):

@@ -110,7 +110,7 @@ def _spawn_worker(redis_url: str, jobs_dir: Path, worker_id: str, log: BinaryIO)
         str(FAST.lease_ttl_ms),
         "--heartbeat-ms",
         str(FAST.heartbeat_ms),
-        "--claim-idle-ms",
+        "--claim-min-idle-ms",
         str(FAST.claim_min_idle_ms),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.model.adapters import load_with_adapter
 from services.model.checkpoint import load_model, load_tokenizer
 from services.model.processor import MiDashengProcessor
 from services.training.data import merge_datasets, read_dataset
 from services.training.evaluate import caption_rows
 from services.training.metrics import corpus_scores
 from services.training.synth import DEFAULT_TYPES, generate_dataset, types_in_caption
-from services.training.train import DEFAULT_LORA_TARGETS, Trainer, config_from_args, load_with_adapter
+from services.training.train import DEFAULT_LORA_TARGETS, Trainer, config_from_args
 
 SIREN_MIX = ["siren", "pink_noise", "white_noise", "silence", "low_tone"]
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from services.errors import DatasetError
+from services.model.adapters import merge_adapter
 from services.model.checkpoint import load_model
 from services.training.data import read_dataset
 from services.training.synth import generate_dataset
-from services.training.train import Trainer, config_from_args, lr_factor, merge_adapter
+from services.training.train import Trainer, config_from_args, lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 

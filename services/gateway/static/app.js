@@ -377,7 +377,22 @@ function teardown(state) {
   if (ui.liveCaption.dataset.final !== "1" && cur.shown) ui.liveCaption.className = "caption final";
 }
 
+// The form starts from the server's own defaults (empty fields mean "the server's default").
+async function loadDefaults() {
+  try {
+    const resp = await fetch("/api/config", { headers: authHeaders() });
+    if (!resp.ok) return; // e.g. a token is needed first: the fields stay empty
+    const { defaults = {}, limits = {} } = await resp.json();
+    const fill = (id, value) => { if ($(id).value === "" && value !== undefined) $(id).value = value; };
+    fill("prompt", defaults.prompt);
+    fill("window", defaults.window_seconds);
+    fill("hop", defaults.hop_seconds);
+    if (limits.max_prompt_chars) $("prompt").maxLength = limits.max_prompt_chars;
+  } catch (_) { /* offline or not ready: the fields stay empty */ }
+}
+
 ui.token.value = sessionStorage.getItem("midasheng-token") || "";
+loadDefaults();
 ui.startMic.addEventListener("click", () => start("mic"));
 ui.startTab.addEventListener("click", () => start("tab"));
 ui.stop.addEventListener("click", stop);

@@ -17,8 +17,8 @@ from encoder_service.server import start_encoder_server
 from services.model.modeling import MiDashengLM
 from services.pb.midasheng.v1 import captions_pb2
 from services.transport import keys
-from tests.services.conftest import LiveStack
-from tests.services.helpers import (
+from tests.e2e.conftest import LiveStack
+from tests.e2e.helpers import (
     CALL_TIMEOUT_S,
     STREAM_TIMEOUT_S,
     Feeder,

@@ -9,7 +9,7 @@ import pytest
 from encoder_service.batcher import EncoderBatcher
 from encoder_service.sessions import EncoderSessions
 from services.model.modeling import MiDashengLM
-from services.streaming.codec import decode_tokens
+from services.wire.tokens import decode_tokens
 
 
 class FlakySink:

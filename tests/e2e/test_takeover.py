@@ -26,8 +26,8 @@ from services.pb.midasheng.v1 import captions_pb2
 from services.training.synth import types_in_caption
 from services.transport import keys
 from services.transport.lease import Lease
-from tests.services.conftest import LiveStack
-from tests.services.helpers import CHUNK, Collected, audio_req, clip, config, pcm_chunks
+from tests.e2e.conftest import LiveStack
+from tests.e2e.helpers import CHUNK, Collected, audio_req, clip, config, pcm_chunks
 
 READY_TIMEOUT_S = 120.0
 SPEED = 3.0

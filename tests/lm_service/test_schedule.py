@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_service.session import CaptionSchedule
-from services.streaming.codec import TokenMessage
-from services.streaming.settings import SessionSettings
+from lm_service.schedule import CaptionSchedule
+from services.wire.settings import SessionSettings
+from services.wire.tokens import TokenMessage
 
 
 def run(window: float, hop: float, seconds: int) -> list[tuple[int, int, int, int, bool]]:
@@ -28,7 +28,7 @@ def run(window: float, hop: float, seconds: int) -> list[tuple[int, int, int, in
             end_of_stream=end,
         )
         sched.ingest(msg)
-        for p in sched.plan(msg):
+        for p in sched.advance(msg):
             assert sched.window(p.start_token, p.end_token).shape[0] == p.end_token - p.start_token
             out.append((p.segment_id, p.revision, p.start_token, p.end_token, p.is_final))
         published = final

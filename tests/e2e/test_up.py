@@ -21,7 +21,7 @@ import redis
 from services.audio.io import write_wav
 from services.rpc import wait_healthy
 from services.training.synth import types_in_caption
-from tests.services.helpers import clip
+from tests.e2e.helpers import clip
 
 ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 120.0

@@ -5,20 +5,21 @@ dead-lettered with a reason and reported, and the session goes on."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 
 import pytest
 import redis
 import torch
 
-from lm_service.engine import SimpleEngine
-from lm_service.session import CaptionSchedule
+from lm_service.engines.base import CaptionEngine, CaptionRequest, CaptionResult
+from lm_service.schedule import CaptionSchedule
 from lm_service.worker import GROUP, LMWorker
-from services.streaming.codec import PAYLOAD_FIELD, TokenMessage, encode_tokens
-from services.streaming.settings import SessionSettings, settings_to_hash
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
+from services.wire.settings import SessionSettings, StreamSettings, settings_to_hash
+from services.wire.tokens import PAYLOAD_FIELD, TokenMessage, encode_tokens
 
 SID = "redelivery-1"
 SETTINGS = SessionSettings(window_seconds=10.0, hop_seconds=2.0, interim_results=True, max_new_tokens=6)
@@ -36,11 +37,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 def register(client: redis.Redis, sid: str = SID) -> None:
     """What LiveGateway.create does in Redis."""
-    client.hset(
-        keys.session_config(sid),
-        mapping=settings_to_hash(SETTINGS)
-        | {"sample_rate": "16000", "encoding": "LINEAR16", "channels": "1", "language": ""},
-    )
+    client.hset(keys.session_config(sid), mapping=settings_to_hash(StreamSettings(session=SETTINGS)))
     client.zadd(keys.ACTIVE_SESSIONS, {sid: int(time.time() * 1000)})
 
 
@@ -67,7 +64,7 @@ def planned(msgs: list[TokenMessage]) -> list[tuple[int, int, float, float, bool
         sched.ingest(m)
         out += [
             (p.segment_id, p.revision, p.window_start_seconds, p.window_end_seconds, p.is_final)
-            for p in sched.plan(m)
+            for p in sched.advance(m)
         ]
     return out
 
@@ -129,7 +126,7 @@ def ended(client: redis.Redis) -> Callable[[], bool]:
 
 
 def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
-    client: redis.Redis, engine: SimpleEngine
+    client: redis.Redis, engine: CaptionEngine
 ) -> None:
     register(client)
     msgs = messages(10, engine.hidden_size)
@@ -160,7 +157,7 @@ def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
 
 
 def test_redelivery_of_an_entry_read_by_the_same_worker_is_applied_once(
-    client: redis.Redis, engine: SimpleEngine
+    client: redis.Redis, engine: CaptionEngine
 ) -> None:
     """An entry read but not processed (e.g. the step failed) is re-read from the worker's own PEL."""
     register(client)
@@ -178,7 +175,7 @@ def test_redelivery_of_an_entry_read_by_the_same_worker_is_applied_once(
 
 
 def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(
-    client: redis.Redis, engine: SimpleEngine
+    client: redis.Redis, engine: CaptionEngine
 ) -> None:
     register(client)
     msgs = messages(5, engine.hidden_size, seed=2)
@@ -191,9 +188,9 @@ def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(
     w2.adopt_free_sessions()  # ...and w2 takes the session over
     assert w2.sessions and SID in w2.sessions
     pub(msgs[1])
-    w1.step(block_ms=20)  # w1 wakes up, still believing it owns the session, and reads seq 2
-    w1.step(block_ms=20)
-    assert SID not in w1.sessions, "w1 noticed it lost the lease"
+    # w1 wakes up, still believing it owns the session, reads seq 2, captions it, and finds at
+    # apply time that its lease is gone.
+    run_until(w1, lambda: SID not in w1.sessions, "w1 to notice it lost the lease")
     pub(*msgs[2:])
     run_until(w2, ended(client), "w2 to end the session")
     assert caption_rows(events(client)) == planned(msgs)
@@ -201,7 +198,7 @@ def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(
 
 
 def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
-    client: redis.Redis, engine: SimpleEngine
+    client: redis.Redis, engine: CaptionEngine
 ) -> None:
     register(client)
     msgs = messages(6, engine.hidden_size, seed=3)
@@ -241,23 +238,29 @@ def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
 
 
 class FlakyEngine:
-    """Fails every caption batch whose first window starts at ``bad_start`` seconds."""
+    """Fails every caption request whose window holds exactly ``bad_start_token`` tokens."""
 
-    def __init__(self, inner: SimpleEngine, bad_start_token: int) -> None:
-        self.inner, self.bad, self.calls = inner, bad_start_token, 0
+    def __init__(self, inner: CaptionEngine, bad_start_token: int) -> None:
+        self.inner, self.bad = inner, bad_start_token
+        self.name = "flaky"
 
-    def check_adapter(self, adapter: str) -> None:
-        self.inner.check_adapter(adapter)
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
 
-    def caption(self, requests):  # type: ignore[no-untyped-def]
-        self.calls += 1
-        if any(int(r.audio_tokens.shape[0]) == self.bad for r in requests):
-            raise RuntimeError("simulated device failure")
-        return self.inner.caption(requests)
+    def submit(self, requests: Sequence[CaptionRequest]) -> list[Future[CaptionResult]]:
+        out: list[Future[CaptionResult]] = []
+        for r in requests:
+            if int(r.audio_tokens.shape[0]) == self.bad:
+                f: Future[CaptionResult] = Future()
+                f.set_exception(RuntimeError("simulated device failure"))
+                out.append(f)
+            else:
+                out += self.inner.submit([r])
+        return out
 
 
 def test_an_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(
-    client: redis.Redis, engine: SimpleEngine
+    client: redis.Redis, engine: CaptionEngine
 ) -> None:
     register(client)
     msgs = messages(4, engine.hidden_size, seed=7)

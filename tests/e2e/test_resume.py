@@ -17,8 +17,8 @@ from services.gateway.live import GatewayLimits
 from services.pb.midasheng.v1 import captions_pb2
 from services.training.synth import types_in_caption
 from services.transport import keys
-from tests.services.conftest import LiveStack
-from tests.services.helpers import (
+from tests.e2e.conftest import LiveStack
+from tests.e2e.helpers import (
     STREAM_TIMEOUT_S,
     Feeder,
     audio_req,

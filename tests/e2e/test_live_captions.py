@@ -14,8 +14,8 @@ from scipy.signal import resample_poly
 from services.audio.io import float_to_pcm16_bytes
 from services.pb.midasheng.v1 import captions_pb2
 from services.training.synth import types_in_caption
-from tests.services.conftest import LiveStack
-from tests.services.helpers import (
+from tests.e2e.conftest import LiveStack
+from tests.e2e.helpers import (
     STREAM_TIMEOUT_S,
     Collected,
     audio_req,

@@ -9,24 +9,13 @@ import grpc
 import pytest
 
 from encoder_service.server import EncoderServer, start_encoder_server
-from lm_service.engine import SimpleEngine
-from lm_service.server import LMServer, build_engine, start_lm_server
+from lm_service.engines.base import CaptionEngine
+from lm_service.server import LMServer, start_lm_server
 from services.gateway.live import GatewayLimits
 from services.gateway.server import GatewayServer, start_gateway
-from services.model.checkpoint import load_model
 from services.model.modeling import MiDashengLM
 from services.pb.midasheng.v1 import captions_pb2_grpc
 from services.transport.keys import TransportDefaults
-
-
-@pytest.fixture(scope="session")
-def engine() -> SimpleEngine:
-    return build_engine(None, "cpu")
-
-
-@pytest.fixture(scope="session")
-def encoder_model() -> MiDashengLM:
-    return load_model(None)
 
 
 @dataclass
@@ -55,7 +44,7 @@ class LiveStack:
 
 @pytest.fixture
 def make_stack(
-    redis_url: str, engine: SimpleEngine, encoder_model: MiDashengLM
+    redis_url: str, engine: CaptionEngine, encoder_model: MiDashengLM
 ) -> Iterator[Callable[..., LiveStack]]:
     """Factory: ``make_stack(limits=..., token=..., defaults=..., lm_workers=1)``; all stopped at teardown."""
     stacks: list[LiveStack] = []

@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.gateway.live import GatewayLimits
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
-from tests.services.conftest import LiveStack
-from tests.services.helpers import (
+from tests.e2e.conftest import LiveStack
+from tests.e2e.helpers import (
     CALL_TIMEOUT_S,
     STREAM_TIMEOUT_S,
     Collected,

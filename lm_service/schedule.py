@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.constants import TOKENS_PER_SECOND
 from services.errors import InvalidArgument
-from services.streaming.codec import TokenMessage
-from services.streaming.settings import TOKENS_PER_SECOND, SessionSettings
+from services.wire.settings import SessionSettings
+from services.wire.tokens import TokenMessage
 
 RETAIN_WINDOWS = 3  # token history kept, in windows
 
@@ -40,15 +41,31 @@ class PlannedCaption:
         return self.end_token / TOKENS_PER_SECOND
 
 
+@dataclass(frozen=True)
+class ScheduleState:
+    """Where a session's captions stand; advanced only once a publication's events are durable."""
+
+    segments_final: int = 0  # segments [0, segments_final) are final
+    open_revision: int = 0  # revisions already shown for the open segment
+    last_seq: int = 0  # the last publication applied
+    ended: bool = False
+
+    def counters(self) -> dict[str, int]:
+        """What the state hash keeps beside ``last_seq`` (which ``apply_once`` writes itself)."""
+        return {"segments_final": self.segments_final, "open_revision": self.open_revision}
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> ScheduleState:
+        get = {k.decode(): int(float(v)) for k, v in raw.items()}
+        return cls(get.get("segments_final", 0), get.get("open_revision", 0), get.get("last_seq", 0))
+
+
 @dataclass
 class CaptionSchedule:
     """Token buffer + segment counters of one live session."""
 
     settings: SessionSettings
-    segments_final: int = 0  # segments [0, segments_final) are final
-    open_revision: int = 0  # revisions already shown for the open segment
-    last_seq: int = 0
-    ended: bool = False
+    state: ScheduleState = field(default_factory=ScheduleState)
     _base: int = 0  # stream index of _tokens[0]
     _tokens: torch.Tensor | None = None
     _n_final: int = 0
@@ -81,7 +98,7 @@ class CaptionSchedule:
         # arrive in bursts of a whole 10.08 s encoder window) and the last window for interims.
         w = self.settings.window_tokens
         total = msg.token_start + n
-        needed_from = max(0, min(self.segments_final * w, total - w))
+        needed_from = max(0, min(self.state.segments_final * w, total - w))
         excess = min(buf.shape[0] - RETAIN_WINDOWS * w, needed_from - self._base)
         if excess > 0:
             buf, self._base = buf[excess:], self._base + excess
@@ -97,11 +114,16 @@ class CaptionSchedule:
             raise InvalidArgument(f"tokens [{start}, {end}) are not retained")
         return self._tokens[start - self._base : end - self._base]
 
-    def plan(self, msg: TokenMessage, commit: bool = True) -> list[PlannedCaption]:
-        """Captions due after ``msg`` (already ingested). With ``commit`` the counters advance;
-        without, this is a preview (the worker commits only once the events are durable)."""
+    @property
+    def last_seq(self) -> int:
+        return self.state.last_seq
+
+    def plan(self, msg: TokenMessage) -> tuple[list[PlannedCaption], ScheduleState]:
+        """Captions due after ``msg`` (already ingested) and the state once they are shown. Pure:
+        the worker commits the state only once the events are durable."""
         w = self.settings.window_tokens
-        final, revision, ended = self.segments_final, self.open_revision, self.ended
+        st = self.state
+        final, revision, ended = st.segments_final, st.open_revision, st.ended
         out: list[PlannedCaption] = []
         while (final + 1) * w <= self._n_final:
             out.append(PlannedCaption(final, revision, final * w, (final + 1) * w, True))
@@ -115,19 +137,9 @@ class CaptionSchedule:
             end = self._n_total
             out.append(PlannedCaption(final, revision, max(0, end - w), end, False))
             revision += 1
-        if commit:
-            self.segments_final, self.open_revision, self.ended, self.last_seq = (
-                final,
-                revision,
-                ended,
-                msg.seq,
-            )
-        return out
+        return out, ScheduleState(final, revision, msg.seq, ended)
 
-    def counters(self) -> dict[str, int]:
-        return {"segments_final": self.segments_final, "open_revision": self.open_revision}
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.segments_final = int(state.get("segments_final", 0))
-        self.open_revision = int(state.get("open_revision", 0))
-        self.last_seq = int(state.get("last_seq", 0))
+    def advance(self, msg: TokenMessage) -> list[PlannedCaption]:
+        """:meth:`plan` and commit at once (for callers without a durable step in between)."""
+        plans, self.state = self.plan(msg)
+        return plans

@@ -1,0 +1,97 @@
+"""``midasheng gateway``: the public gRPC API, and with ``--http`` the web page and WebRTC ingest."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from services import config
+from services.cli.common import add_server_flags
+from services.errors import ConfigError
+from services.gateway.live import GatewayLimits
+from services.gateway.webrtc import WebRtcLimits
+from services.metrics import serve_metrics
+from services.runtime import redis_url_from, wait_for_shutdown
+from services.transport.keys import TransportDefaults
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+TOKEN_ENV = "MIDASHENG_TOKEN"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gateway",
+        help="run the public gateway (gRPC streaming API)",
+        description="Public StreamCaptions/Caption/BatchCaption API; drives the encoder service "
+        "and relays caption events from Redis.",
+    )
+    add_server_flags(p, DEFAULT_LISTEN)
+    p.add_argument("--encoder", default="127.0.0.1:50061", help="encoder service address")
+    p.add_argument(
+        "--lm", default="127.0.0.1:50062", help="LM service address (offline Caption/BatchCaption)"
+    )
+    p.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the web page, monitoring view and WebRTC ingest here (default: off)",
+    )
+    p.add_argument(
+        "--ice-server",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="STUN/TURN server for WebRTC, repeatable: stun:HOST:PORT or turn:USER:PASS@HOST:PORT "
+        "(default: $MIDASHENG_ICE_SERVERS, comma-separated; none = fine on loopback and LANs)",
+    )
+    p.add_argument(
+        "--max-workers", type=int, default=64, help="gRPC threads (each open stream holds one; default: 64)"
+    )
+    config.add_flags(p, GatewayLimits)
+    config.add_flags(p, WebRtcLimits)
+    config.add_flags(p, TransportDefaults)
+    p.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help=f"file holding the access token every call must carry as 'authorization: Bearer TOKEN' "
+        f"(default: ${TOKEN_ENV}; neither = open). Tokens never go on the command line.",
+    )
+    p.set_defaults(func=run)
+
+
+def read_token(path: str | None) -> str | None:
+    """The gateway's access token: from ``path`` (stripped), else ``$MIDASHENG_TOKEN``, else None."""
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read the token file {path}: {e.strerror}") from e
+        if not token:
+            raise ConfigError(f"the token file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.gateway.server import start_gateway
+
+    srv = start_gateway(
+        redis_url_from(args.redis_url),
+        args.encoder,
+        args.lm,
+        args.listen,
+        config.from_args(GatewayLimits, args),
+        read_token(args.token_file),
+        max_workers=args.max_workers,
+        http_address=args.http,
+        ice_servers=args.ice_server,
+        webrtc_limits=config.from_args(WebRtcLimits, args),
+        defaults=config.from_args(TransportDefaults, args),
+    )
+    serve_metrics(args.metrics_port)
+    print(f"gateway ready on port {srv.port}", flush=True)
+    if srv.http is not None:
+        print(f"web page on http://{args.http}/ (port {srv.http_port})", flush=True)
+    return wait_for_shutdown(srv.stop)

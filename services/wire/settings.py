@@ -1,0 +1,221 @@
+"""Session settings: one dataclass, one translator per wire.
+
+A live session's settings travel three ways: the gRPC ``SessionConfig`` (public API), the page's
+JSON offer (``POST /api/webrtc/offer``) and the Redis config hash (gateway -> LM workers, and a
+gateway resuming a session). Every default lives in :class:`SessionSettings` (from
+:mod:`services.constants`); the translators below only map names and types.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from services import constants
+from services.audio.pcm import validate_format
+from services.errors import InvalidArgument
+from services.pb.midasheng.v1 import captions_pb2
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a live session captions and how often (the caption part of its settings)."""
+
+    window_seconds: float = constants.DEFAULT_WINDOW_SECONDS
+    hop_seconds: float = constants.DEFAULT_HOP_SECONDS
+    prompt: str = constants.DEFAULT_PROMPT
+    interim_results: bool = True
+    max_new_tokens: int = constants.DEFAULT_MAX_NEW_TOKENS
+    adapter: str = ""  # "" = the base model
+
+    def validate(self) -> None:
+        if not 1.0 <= self.window_seconds <= 30.0:
+            raise InvalidArgument(f"window_seconds must be within [1, 30], got {self.window_seconds}.")
+        if not 0.2 <= self.hop_seconds <= self.window_seconds:
+            raise InvalidArgument(f"hop_seconds must be within [0.2, window], got {self.hop_seconds}.")
+        if not 1 <= self.max_new_tokens <= 256:
+            raise InvalidArgument(f"max_new_tokens must be within [1, 256], got {self.max_new_tokens}.")
+
+    @property
+    def window_tokens(self) -> int:
+        """The caption window in 5 Hz audio tokens."""
+        return max(1, round(self.window_seconds * constants.TOKENS_PER_SECOND))
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """A live session's settings: the audio format the client sends, plus its caption settings."""
+
+    sample_rate: int = constants.SAMPLE_RATE  # Hz
+    encoding: str = constants.LINEAR16
+    channels: int = 1
+    session: SessionSettings = field(default_factory=SessionSettings)
+    language: str = ""  # BCP-47 hint, "" = the model's choice
+
+    def validate(self) -> None:
+        validate_format(self.sample_rate, self.encoding, self.channels)
+        self.session.validate()
+
+
+# The caption fields and the Python type each carries on every wire.
+SESSION_FIELDS: dict[str, type] = {
+    f.name: type(getattr(SessionSettings(), f.name)) for f in fields(SessionSettings)
+}
+
+# --- protobuf (captions.proto SessionConfig) -----------------------------------------------------
+
+_PB_ENCODINGS: dict[int, str] = {
+    captions_pb2.AUDIO_ENCODING_UNSPECIFIED: constants.LINEAR16,
+    captions_pb2.LINEAR16: constants.LINEAR16,
+    captions_pb2.FLOAT32: constants.FLOAT32,
+}
+
+
+def encoding_from_pb(value: int) -> str:
+    """A ``captions.proto`` AudioEncoding -> its name (unspecified = LINEAR16)."""
+    name = _PB_ENCODINGS.get(value)
+    if name is None:
+        raise InvalidArgument(f"unknown audio encoding {value}")
+    return name
+
+
+def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
+    """A client's SessionConfig -> settings; proto3 zero values mean "the default"."""
+    base = StreamSettings()
+    session = replace(
+        base.session,
+        **{
+            name: value
+            for name in SESSION_FIELDS
+            if name != "interim_results" and (value := getattr(cfg, name))
+        },
+        interim_results=cfg.interim_results,  # a proto3 bool: false unless sent (captions.proto)
+    )
+    return StreamSettings(
+        sample_rate=cfg.sample_rate_hz or base.sample_rate,
+        encoding=encoding_from_pb(cfg.encoding),
+        channels=cfg.channels or base.channels,
+        session=session,
+        language=cfg.language,
+    )
+
+
+def settings_to_pb(
+    s: StreamSettings, session_id: str = "", resume_after: str = ""
+) -> captions_pb2.SessionConfig:
+    """Settings -> SessionConfig with every field explicit (SessionStarted.effective_config)."""
+    return captions_pb2.SessionConfig(
+        sample_rate_hz=s.sample_rate,
+        encoding=captions_pb2.AudioEncoding.Value(s.encoding),
+        channels=s.channels,
+        language=s.language,
+        session_id=session_id,
+        resume_after_event_id=resume_after,
+        **{name: getattr(s.session, name) for name in SESSION_FIELDS},
+    )
+
+
+# --- JSON (the page's offer; GET /api/config) ----------------------------------------------------
+
+
+def _json_value(name: str, kind: type, value: object, default: Any) -> Any:
+    if value is None or (kind is not str and value == ""):
+        return default
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"config.{name} must be true or false")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"config.{name} must be a string")
+        return value.strip() or default
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidArgument(f"config.{name} must be a number")
+    try:
+        x = float(value)
+    except ValueError as e:
+        raise InvalidArgument(f"config.{name} must be a number, got {value!r}") from e
+    if not math.isfinite(x):
+        raise InvalidArgument(f"config.{name} must be a finite number")
+    if kind is int:
+        if x != int(x):
+            raise InvalidArgument(f"config.{name} must be a whole number")
+        return int(x)
+    return x
+
+
+def settings_from_json(cfg: object) -> StreamSettings:
+    """The offer's ``config`` object -> settings for the page's 16 kHz mono float32 audio."""
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise InvalidArgument("config must be a JSON object")
+    unknown = set(cfg) - set(SESSION_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    base = SessionSettings()
+    values = {
+        name: _json_value(name, kind, cfg.get(name), getattr(base, name))
+        for name, kind in SESSION_FIELDS.items()
+    }
+    return StreamSettings(encoding=constants.FLOAT32, session=SessionSettings(**values))
+
+
+def session_to_json(s: SessionSettings) -> dict[str, Any]:
+    return {name: getattr(s, name) for name in SESSION_FIELDS}
+
+
+# --- Redis config hash (gateway -> LM workers; resume) -------------------------------------------
+
+_FORMAT_FIELDS = ("sample_rate", "encoding", "channels", "language")
+
+
+def _to_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _from_text(kind: type, text: str) -> Any:
+    if kind is bool:
+        return text == "1"
+    if kind is int:
+        return int(float(text))
+    return kind(text)
+
+
+def settings_to_hash(s: StreamSettings) -> dict[str, str]:
+    out = {name: _to_text(getattr(s.session, name)) for name in SESSION_FIELDS}
+    out.update({name: _to_text(getattr(s, name)) for name in _FORMAT_FIELDS})
+    return out
+
+
+def settings_from_hash(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> StreamSettings:
+    """The config hash -> validated settings; a field missing from the hash takes its default."""
+    get = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+    base = StreamSettings()
+    try:
+        session = SessionSettings(
+            **{
+                name: _from_text(kind, get[name]) if get.get(name) else getattr(base.session, name)
+                for name, kind in SESSION_FIELDS.items()
+            }
+        )
+        s = StreamSettings(
+            **{
+                name: _from_text(type(getattr(base, name)), get[name])
+                if get.get(name)
+                else getattr(base, name)
+                for name in _FORMAT_FIELDS
+            },
+            session=session,
+        )
+    except ValueError as e:
+        raise InvalidArgument(f"the session's config hash holds a malformed value: {e}") from e
+    s.validate()
+    return s
