@@ -16,6 +16,7 @@ import torch
 
 from lm_service.engines import DEFAULT_ENGINE, make_engine
 from lm_service.engines.base import CaptionEngine, CaptionRequest, CaptionResult
+from lm_service.engines.limits import EngineLimits
 from services.audio.subtitles import TimedCaption, plan_segments
 from services.constants import DEFAULT_OFFLINE_MAX_NEW_TOKENS, DEFAULT_PROMPT, SAMPLE_RATE
 from services.model.adapters import AdapterResolver
@@ -42,11 +43,12 @@ class Captioner:
         engine: str = DEFAULT_ENGINE,
         adapters: AdapterResolver | None = None,
         max_batch: int | None = None,
+        limits: EngineLimits | None = None,
     ) -> Captioner:
         """Load a checkpoint directory (None = the bundled demo model). bf16 on GPU by default;
         ``max_batch`` clips per forward pass (the engine's default when None)."""
         loaded = load_pretrained(model_dir, device, dtype)
-        return cls(make_engine(engine, loaded, adapters=adapters, max_batch=max_batch))
+        return cls(make_engine(engine, loaded, adapters=adapters, max_batch=max_batch, limits=limits))
 
     def close(self) -> None:
         self.engine.close()

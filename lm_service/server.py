@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 import redis
 
-from lm_service.engines import make_engine
+from lm_service.engines import DEFAULT_ENGINE, make_engine
 from lm_service.engines.base import CaptionEngine, CaptionResult, FinishReason
+from lm_service.engines.limits import EngineLimits
 from lm_service.offline import Captioner
 from lm_service.worker import LMWorker, WorkerLimits
 from services import rpc
@@ -205,12 +206,13 @@ def build_engine(
     dtype: str | None = None,
     adapters_dir: str | Path | None = None,
     adapters_redis_url: str | None = None,
-    engine: str = "reference",
+    engine: str = DEFAULT_ENGINE,
     max_batch: int | None = None,
+    limits: EngineLimits | None = None,
 ) -> CaptionEngine:
     loaded = load_pretrained(model_dir, device, dtype)
     adapters = adapter_resolver(loaded.path, adapters_dir, adapters_redis_url)
-    return make_engine(engine, loaded, adapters=adapters, max_batch=max_batch)
+    return make_engine(engine, loaded, adapters=adapters, max_batch=max_batch, limits=limits)
 
 
 def start_lm_server(

@@ -20,6 +20,15 @@ ENCODER_BATCH = Histogram(
 ENCODER_SECONDS = Histogram("midasheng_encoder_batch_seconds", "Encoder micro-batch compute time")
 ENCODER_QUEUE = Gauge("midasheng_encoder_queue_jobs", "Encoder jobs waiting for the device")
 TOKENS_PUBLISHED = Counter("midasheng_audio_tokens_published_total", "5 Hz audio tokens published", ["kind"])
+TRITON_SECONDS = Histogram(
+    "midasheng_triton_request_seconds",
+    "Triton encoder inference time per request attempt (gRPC hop included)",
+)
+TRITON_ERRORS = Counter(
+    "midasheng_triton_errors_total", "Failed Triton encoder calls by gRPC status", ["code"]
+)
+TRITON_RETRIES = Counter("midasheng_triton_retries_total", "Triton encoder calls retried after UNAVAILABLE")
+TRITON_IN_FLIGHT = Gauge("midasheng_triton_in_flight_requests", "Triton encoder requests in flight")
 
 # LM
 LM_SESSIONS = Gauge("midasheng_lm_sessions", "Live sessions leased by this LM worker")
@@ -32,6 +41,15 @@ LM_DUPLICATES = Counter(
 DEAD_LETTERS = Counter("midasheng_dead_letters_total", "Messages moved to the dead-letter stream")
 GENERATED_TOKENS = Counter("midasheng_generated_tokens_total", "Caption tokens generated")
 PENDING = Gauge("midasheng_pending_entries", "Entries delivered but not yet acknowledged", ["stream"])
+
+# Caption engine (batched)
+ENGINE_RUNNING = Gauge("midasheng_engine_running", "Sequences the caption engine is decoding")
+ENGINE_WAITING = Gauge("midasheng_engine_waiting", "Requests waiting for KV memory")
+ENGINE_KV_USED = Gauge(
+    "midasheng_engine_kv_used_ratio", "Fraction of the KV pool in use (sequences and kept prefixes)"
+)
+PROMPT_TOKENS = Counter("midasheng_prompt_tokens_total", "Prompt tokens of finished captions", ["kind"])
+DRAFT_TOKENS = Counter("midasheng_draft_tokens_total", "Caption-as-draft tokens verified", ["outcome"])
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

@@ -33,7 +33,7 @@ def redis_url(redis_server: PrivateRedis) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[CaptionEngine]:
-    """The reference caption engine over the demo model, on the CPU."""
+    """The default (batched) caption engine over the demo model, on the CPU."""
     e = build_engine(None, "cpu")
     yield e
     e.close()

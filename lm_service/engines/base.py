@@ -35,7 +35,8 @@ class CaptionRequest:
     ``stream`` names the live stream the window belongs to ("" = a one-off request) and
     ``audio_start`` is the stream index of ``audio_tokens[0]``; ``num_final`` leading tokens are
     final (they will be the same in the stream's next window that starts at ``audio_start``).
-    Engines may keep per-stream state from them; the result never depends on it."""
+    Engines may keep per-stream state from them, and may verify ``draft`` (by default the stream's
+    previous caption) instead of decoding token by token; the result never depends on either."""
 
     audio_tokens: torch.Tensor  # (n, H)
     prompt: str = DEFAULT_PROMPT
@@ -45,6 +46,9 @@ class CaptionRequest:
     stream: str = ""
     audio_start: int = 0
     num_final: int = 0
+    draft: tuple[int, ...] | None = (
+        None  # tokens the caption probably starts with (None = the engine's guess)
+    )
 
 
 @dataclass(frozen=True)

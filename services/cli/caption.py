@@ -10,6 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lm_service.engines import DEFAULT_ENGINE, ENGINES
+from lm_service.engines.limits import EngineLimits
+from services import config
 from lm_service.offline import DEFAULT_SEGMENT_SECONDS, LONG_AUDIO_SECONDS, Captioner
 from services.audio.io import decode_audio
 from services.audio.subtitles import FORMATS, TimedCaption, render
@@ -73,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=ENGINES,
         help=f"caption engine (default: {DEFAULT_ENGINE})",
     )
+    config.add_flags(p, EngineLimits)
     p.add_argument("--json", action="store_true", help="JSON lines output (same as --format jsonl)")
     p.add_argument(
         "--segment",
@@ -111,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     options = generation_options(args)
     captioner = Captioner.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, engine=args.engine, max_batch=args.batch_size
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        engine=args.engine,
+        max_batch=args.batch_size,
+        limits=config.from_args(EngineLimits, args),
     )
     try:
         if args.output_dir is not None:

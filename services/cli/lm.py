@@ -15,6 +15,7 @@ DEFAULT_LISTEN = "127.0.0.1:50062"
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from lm_service.engines import DEFAULT_ENGINE, ENGINES
+    from lm_service.engines.limits import EngineLimits
     from lm_service.worker import WorkerLimits
 
     p = sub.add_parser(
@@ -32,7 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"caption engine (default: {DEFAULT_ENGINE})",
     )
     p.add_argument(
-        "--max-batch", type=int, default=None, help="captions per decoder batch (default: the engine's)"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="captions per decoder batch of the reference engine (default: 16)",
     )
     p.add_argument("--workers", type=int, default=1, help="live worker loops in this process")
     p.add_argument("--worker-id", default=None, help="worker id prefix (default: random)")
@@ -44,12 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="load adapters by name from the jobs registry in Redis (instead of --adapters-dir)",
     )
+    config.add_flags(p, EngineLimits)
     config.add_flags(p, WorkerLimits)
     config.add_flags(p, TransportDefaults)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lm_service.engines.limits import EngineLimits
     from lm_service.server import build_engine, start_lm_server
     from lm_service.worker import WorkerLimits
 
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         redis_url if args.adapters_from_redis else None,
         engine=args.engine,
         max_batch=args.max_batch,
+        limits=config.from_args(EngineLimits, args),
     )
     srv = start_lm_server(
         engine,
