@@ -4,8 +4,10 @@ Pure state machine, no Redis or gRPC. Time is counted in 5 Hz audio tokens (200 
 
 Semantics (docs/api.md, "Caption events"):
 - Segments are consecutive spans of ``window`` seconds: segment k covers [k*W, (k+1)*W).
-- Every publication (one per ``hop`` of audio) yields an interim caption of the last ``window``
-  seconds, [max(0, t - W), t], as a new revision of the open segment (when interim results are on).
+- Every publication (one per ``hop`` of audio) yields an interim caption as a new revision of
+  the open segment (when interim results are on): of the segment so far, [k*W, t]
+  (``interim_window`` SEGMENT, the default), or of the last ``window`` seconds, [max(0, t - W), t]
+  (SLIDING).
 - Segment k turns final, captioned over exactly its span, once all its tokens are final; at the
   end of the stream the last partial segment turns final over what there is.
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.constants import TOKENS_PER_SECOND
+from services.constants import SEGMENT, TOKENS_PER_SECOND
 from services.errors import InvalidArgument
 from services.wire.settings import SessionSettings
 from services.wire.tokens import TokenMessage
@@ -135,7 +137,8 @@ class CaptionSchedule:
             ended = True
         elif self.settings.interim_results and self._n_total > final * w:
             end = self._n_total
-            out.append(PlannedCaption(final, revision, max(0, end - w), end, False))
+            start = final * w if self.settings.interim_window == SEGMENT else max(0, end - w)
+            out.append(PlannedCaption(final, revision, start, end, False))
             revision += 1
         return out, ScheduleState(final, revision, msg.seq, ended)
 

@@ -29,6 +29,7 @@ class SessionSettings:
     interim_results: bool = True
     max_new_tokens: int = constants.DEFAULT_MAX_NEW_TOKENS
     adapter: str = ""  # "" = the base model
+    interim_window: str = constants.DEFAULT_INTERIM_WINDOW  # what an interim describes (INTERIM_WINDOWS)
 
     def validate(self) -> None:
         if not 1.0 <= self.window_seconds <= 30.0:
@@ -37,6 +38,10 @@ class SessionSettings:
             raise InvalidArgument(f"hop_seconds must be within [0.2, window], got {self.hop_seconds}.")
         if not 1 <= self.max_new_tokens <= 256:
             raise InvalidArgument(f"max_new_tokens must be within [1, 256], got {self.max_new_tokens}.")
+        if self.interim_window not in constants.INTERIM_WINDOWS:
+            raise InvalidArgument(
+                f"interim_window must be one of {', '.join(constants.INTERIM_WINDOWS)}, got {self.interim_window!r}."
+            )
 
     @property
     def window_tokens(self) -> int:
@@ -73,6 +78,14 @@ _PB_ENCODINGS: dict[int, str] = {
 }
 
 
+_PB_INTERIM: dict[int, str] = {
+    captions_pb2.INTERIM_WINDOW_UNSPECIFIED: constants.DEFAULT_INTERIM_WINDOW,
+    captions_pb2.SEGMENT: constants.SEGMENT,
+    captions_pb2.SLIDING: constants.SLIDING,
+}
+_PB_MAPPED = ("interim_results", "interim_window")  # fields that need more than a copy
+
+
 def encoding_from_pb(value: int) -> str:
     """A ``captions.proto`` AudioEncoding -> its name (unspecified = LINEAR16)."""
     name = _PB_ENCODINGS.get(value)
@@ -87,11 +100,10 @@ def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
     session = replace(
         base.session,
         **{
-            name: value
-            for name in SESSION_FIELDS
-            if name != "interim_results" and (value := getattr(cfg, name))
+            name: value for name in SESSION_FIELDS if name not in _PB_MAPPED and (value := getattr(cfg, name))
         },
         interim_results=cfg.interim_results,  # a proto3 bool: false unless sent (captions.proto)
+        interim_window=_PB_INTERIM.get(cfg.interim_window, "?"),  # an unknown value fails validation
     )
     return StreamSettings(
         sample_rate=cfg.sample_rate_hz or base.sample_rate,
@@ -113,7 +125,9 @@ def settings_to_pb(
         language=s.language,
         session_id=session_id,
         resume_after_event_id=resume_after,
-        **{name: getattr(s.session, name) for name in SESSION_FIELDS},
+        interim_results=s.session.interim_results,
+        interim_window=captions_pb2.InterimWindow.Value(s.session.interim_window.upper()),
+        **{name: getattr(s.session, name) for name in SESSION_FIELDS if name not in _PB_MAPPED},
     )
 
 

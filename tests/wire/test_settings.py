@@ -31,6 +31,7 @@ CUSTOM = StreamSettings(
         interim_results=False,
         max_new_tokens=17,
         adapter="siren",
+        interim_window=constants.SLIDING,
     ),
     language="en",
 )
@@ -44,6 +45,7 @@ def test_the_fields_are_the_dataclass_fields() -> None:
         "interim_results",
         "max_new_tokens",
         "adapter",
+        "interim_window",
     }
 
 
@@ -73,6 +75,7 @@ def test_protobuf_zero_values_mean_the_defaults() -> None:
         d.max_new_tokens,
     )
     assert s.session.interim_results is False  # a proto3 bool: documented default false
+    assert s.session.interim_window == constants.DEFAULT_INTERIM_WINDOW
     with pytest.raises(InvalidArgument, match="unknown audio encoding"):
         encoding_from_pb(99)
 
@@ -126,6 +129,7 @@ def test_validation() -> None:
         SessionSettings(window_seconds=0.5),
         SessionSettings(hop_seconds=11.0),
         SessionSettings(max_new_tokens=0),
+        SessionSettings(interim_window="diagonal"),
     ):
         with pytest.raises(InvalidArgument):
             StreamSettings(session=bad).validate()

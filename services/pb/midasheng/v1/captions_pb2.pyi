@@ -12,9 +12,18 @@ class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
     LINEAR16: _ClassVar[AudioEncoding]
     FLOAT32: _ClassVar[AudioEncoding]
+
+class InterimWindow(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERIM_WINDOW_UNSPECIFIED: _ClassVar[InterimWindow]
+    SEGMENT: _ClassVar[InterimWindow]
+    SLIDING: _ClassVar[InterimWindow]
 AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 LINEAR16: AudioEncoding
 FLOAT32: AudioEncoding
+INTERIM_WINDOW_UNSPECIFIED: InterimWindow
+SEGMENT: InterimWindow
+SLIDING: InterimWindow
 
 class GenerationOptions(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "seed")
@@ -29,7 +38,7 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("sample_rate_hz", "encoding", "channels", "prompt", "window_seconds", "hop_seconds", "interim_results", "adapter", "language", "session_id", "resume_after_event_id", "max_new_tokens")
+    __slots__ = ("sample_rate_hz", "encoding", "channels", "prompt", "window_seconds", "hop_seconds", "interim_results", "adapter", "language", "session_id", "resume_after_event_id", "max_new_tokens", "interim_window")
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +51,7 @@ class SessionConfig(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_WINDOW_FIELD_NUMBER: _ClassVar[int]
     sample_rate_hz: int
     encoding: AudioEncoding
     channels: int
@@ -54,7 +64,8 @@ class SessionConfig(_message.Message):
     session_id: str
     resume_after_event_id: str
     max_new_tokens: int
-    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., prompt: _Optional[str] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_after_event_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    interim_window: InterimWindow
+    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., prompt: _Optional[str] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_after_event_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., interim_window: _Optional[_Union[InterimWindow, str]] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data", "seq")
