@@ -531,19 +531,26 @@ class BatchedEngine:
             kv_slots[i, :ctx] = torch.tensor(self.pool.slots(p.seq.blocks, 0, ctx))
             pos = ctx - n + ar_q[:n, None]  # absolute position of each new token
             mask[i, 0, :n, :] = (ar_k[None, :] <= pos) & (ar_k[None, :] < ctx)
-        dev = self.device
+        move = self._to_device
         inputs = StepInputs(
             embeds=torch.cat(embeds),
-            positions=torch.tensor(positions, device=dev),
-            write_slots=torch.tensor(slots, device=dev),
-            q_index=q_index.to(dev),
-            q_valid=q_valid.to(dev),
-            kv_slots=kv_slots.to(dev),
-            mask=mask.to(dev),
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
-            lora_groups=[(a, torch.tensor(r, device=dev)) for a, r in lora.values()],
+            positions=move(torch.tensor(positions)),
+            write_slots=move(torch.tensor(slots)),
+            q_index=move(q_index),
+            q_valid=move(q_valid),
+            kv_slots=move(kv_slots),
+            mask=move(mask),
+            logit_rows=move(torch.tensor(logit_rows, dtype=torch.long)),
+            lora_groups=[(a, move(torch.tensor(r))) for a, r in lora.values()],
         )
         return inputs, rows_of
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host-built index tensors to the device; on CUDA from pinned memory without waiting, so the
+        step's only synchronisation is reading its sampled tokens back."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _advance(self, plan: list[_Planned], rows_of: list[list[int]], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()  # the step's one device -> host copy
