@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from services.errors import CheckpointError
 from services.model.config import MiDashengLMConfig
-from services.model.modeling import MiDashengLM
+from services.model.modeling import EMBED_KEY, LM_HEAD_KEY, MiDashengLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -99,6 +99,12 @@ def build_model(config: MiDashengLMConfig, device: str | torch.device = "meta") 
         return MiDashengLM(config)
 
 
+def checkpoint_state(model: MiDashengLM) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict without tied aliases (a tied ``lm_head``)."""
+    tied = model.tied_keys()
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
+
+
 def _summarise(kind: str, items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
     return f"{len(items)} {kind}: {shown}"
@@ -146,8 +152,8 @@ def load_model(
         raise CheckpointError(f"No {CONFIG_NAME} in {path}: not a checkpoint directory.")
     config = MiDashengLMConfig.from_file(path / CONFIG_NAME)
     model = build_model(config, "meta")
+    tied = model.tied_keys()
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = bool(config.qwen2_config().tie_word_embeddings)
     if audio_only:
         expected = {k: v for k, v in expected.items() if k.startswith(AUDIO_PREFIXES)}
 
@@ -158,8 +164,8 @@ def load_model(
             for key in sf.keys():
                 if not audio_only or key.startswith(AUDIO_PREFIXES):
                     shapes[key] = tuple(sf.get_slice(key).get_shape())
-    if tied and "decoder.lm_head.weight" not in shapes:
-        expected.pop("decoder.lm_head.weight", None)
+    # A tied alias is not stored; a file that holds it anyway must hold a copy (checked below).
+    expected = {k: v for k, v in expected.items() if k not in tied or k in shapes}
     check_keys(expected, shapes, path)
 
     state: dict[str, torch.Tensor] = {}
@@ -180,11 +186,30 @@ def load_model(
         model.audio_projector.load_state_dict(_strip(state, "audio_projector."), strict=True, assign=True)
         _check_materialised(model.audio_encoder, model.audio_projector)
         return model.eval()
-    model.load_state_dict(state, strict=not tied, assign=True)
+    stored_aliases = {k: state.pop(k) for k in tied if k in state}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if sorted(result.missing_keys) != sorted(tied) or result.unexpected_keys:
+        raise CheckpointError(  # check_keys already named the file's problems; this is a bug guard
+            f"Loading {path} left {result.missing_keys} unset and {result.unexpected_keys} unused."
+        )
     if tied:
-        model.decoder.tie_weights()
+        _tie(model, stored_aliases, path)
     _materialise_buffers(model, device)
     return model.eval()
+
+
+def _tie(model: MiDashengLM, stored_aliases: dict[str, torch.Tensor], path: Path) -> None:
+    """Point the tied ``lm_head`` at the loaded embedding; a stored copy must equal it."""
+    model.decoder.tie_weights()
+    embed = model.get_parameter(EMBED_KEY)
+    if model.get_parameter(LM_HEAD_KEY) is not embed:
+        raise CheckpointError(f"Could not tie {LM_HEAD_KEY} to {EMBED_KEY} after loading {path}.")
+    for key, t in stored_aliases.items():
+        if not torch.equal(t, embed.data):
+            raise CheckpointError(
+                f"Checkpoint {path} holds {key}, which differs from {model.tied_keys()[key]}, but its "
+                "config ties them (text_config.tie_word_embeddings); fix the config or the weights."
+            )
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -230,7 +255,7 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     target = parse_dtype(dtype) if dtype is not None else None
     state: dict[str, torch.Tensor] = {}
-    for key, t in model.state_dict().items():
+    for key, t in checkpoint_state(model).items():  # a tied lm_head is written once, as the embedding
         t = t.detach()
         if target is not None and t.is_floating_point() and not key.startswith(FP32_PREFIXES):
             t = t.to(target)

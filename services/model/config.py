@@ -2,8 +2,10 @@
 
 The checkpoint's ``config.json`` has ``model_type: "midashenglm"`` with three parts:
 ``audio_encoder_config`` (the Dasheng encoder and its mel frontend), ``subsample_factor``
-(the projector's frame stacking) and ``text_config`` (a Qwen2.5-Omni thinker text config,
-numerically a Qwen2 decoder). This module reads and writes that schema and validates it in
+(the projector's frame stacking) and ``text_config``, the decoder. Two decoder families are
+published: MiDashengLM-7B's Qwen2.5-Omni thinker text config (numerically a Qwen2 decoder) and
+MiDashengLM-0.6B's Qwen3 config (q/k RMSNorm, tied embeddings); ``text_config.model_type``
+picks one (``docs/models.md``). This module reads and writes that schema and validates it in
 one place.
 """
 
@@ -15,18 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import Qwen2Config
+from transformers import Qwen2Config, Qwen3Config
 
 from services.constants import ENCODER_WINDOW_FRAMES, HOP_LENGTH, SAMPLE_RATE
 from services.errors import ConfigError
 
 MODEL_TYPE = "midashenglm"
 ENCODER_MODEL_TYPE = "midashenglm_dasheng_encoder"
-# Text model types that are numerically a Qwen2 decoder with 1-D rotary positions.
-TEXT_MODEL_TYPES = ("qwen2", "qwen2_5_omni_text", "qwen2_5_omni_thinker_text")
+# text_config.model_type -> decoder family. The Qwen2.5-Omni thinker text model is numerically a
+# Qwen2 decoder with 1-D rotary positions; MiDashengLM-0.6B's decoder is a plain Qwen3.
+DECODER_FAMILIES = {
+    "qwen2": "qwen2",
+    "qwen2_5_omni_text": "qwen2",
+    "qwen2_5_omni_thinker_text": "qwen2",
+    "qwen3": "qwen3",
+}
+TEXT_MODEL_TYPES = tuple(DECODER_FAMILIES)
 
-# Keys of a text config that a Qwen2 decoder uses; the rest (M-RoPE sections, vision/audio
-# fields of the Omni thinker) do not change the computation for text-only 1-D positions.
+# Keys of a text config that the decoder uses; the rest (M-RoPE sections, vision/audio fields of
+# the Omni thinker) do not change the computation for text-only 1-D positions.
 _QWEN2_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -47,6 +56,19 @@ _QWEN2_KEYS = (
     "eos_token_id",
     "pad_token_id",
 )
+# Qwen3 adds an explicit head_dim (0.6B: 128, not hidden/heads = 64) and optional q/k/v/o bias.
+_QWEN3_KEYS = (*_QWEN2_KEYS, "head_dim", "attention_bias")
+
+
+def decoder_family(text_config: dict[str, Any]) -> str:
+    """The decoder family of a ``text_config``; :class:`ConfigError` for an unsupported model type."""
+    model_type = text_config.get("model_type", "qwen2")
+    try:
+        return DECODER_FAMILIES[model_type]
+    except KeyError:
+        raise ConfigError(
+            f"text_config.model_type {model_type!r} is not supported; expected one of {TEXT_MODEL_TYPES}."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -118,11 +140,7 @@ class MiDashengLMConfig:
         self.audio_encoder_config.validate()
         if self.subsample_factor < 1:
             raise ConfigError("subsample_factor must be at least 1.")
-        model_type = self.text_config.get("model_type", "qwen2")
-        if model_type not in TEXT_MODEL_TYPES:
-            raise ConfigError(
-                f"text_config.model_type {model_type!r} is not supported; expected one of {TEXT_MODEL_TYPES}."
-            )
+        decoder_family(self.text_config)
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if key not in self.text_config:
                 raise ConfigError(f"text_config is missing {key!r}.")
@@ -138,14 +156,27 @@ class MiDashengLMConfig:
         """Audio samples per 5 Hz audio token (3200 = 200 ms)."""
         return self.audio_encoder_config.samples_per_patch * self.subsample_factor
 
-    def qwen2_config(self) -> Qwen2Config:
-        """The decoder config as transformers' ``Qwen2Config`` (1-D RoPE)."""
+    @property
+    def decoder_family(self) -> str:
+        """``"qwen2"`` (MiDashengLM-7B, Qwen2.5-Omni text) or ``"qwen3"`` (MiDashengLM-0.6B)."""
+        return decoder_family(self.text_config)
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether ``lm_head`` shares ``embed_tokens``' weight (then checkpoints hold no lm_head)."""
+        return bool(self.text_config.get("tie_word_embeddings", False))
+
+    def decoder_config(self) -> Qwen2Config | Qwen3Config:
+        """The decoder config as transformers' ``Qwen2Config`` or ``Qwen3Config`` (1-D RoPE)."""
         tc = self.text_config
-        kwargs = {k: tc[k] for k in _QWEN2_KEYS if k in tc}
+        family = self.decoder_family
+        kwargs = {k: tc[k] for k in (_QWEN3_KEYS if family == "qwen3" else _QWEN2_KEYS) if k in tc}
         rope = tc.get("rope_parameters") or {}
         kwargs["rope_theta"] = float(rope.get("rope_theta", tc.get("rope_theta", 1_000_000.0)))
-        kwargs.setdefault("tie_word_embeddings", False)
+        kwargs["tie_word_embeddings"] = self.tie_word_embeddings
         kwargs.setdefault("sliding_window", None)
+        if family == "qwen3":
+            return Qwen3Config(**kwargs)
         return Qwen2Config(**kwargs)
 
     # --- (de)serialisation in the published schema -------------------------------------------
@@ -234,6 +265,45 @@ def real_7b_config() -> MiDashengLMConfig:
     )
 
 
+def real_0_6b_config() -> MiDashengLMConfig:
+    """The MiDashengLM-0.6B configuration (``mispeech/midashenglm-0.6b-fp32``): Dasheng 0.6B +
+    a Qwen3-0.6B decoder.
+
+    ``text_config`` is the published Qwen3-0.6B text config (head_dim 128 with 16 heads of a
+    1024-wide model, q/k RMSNorm, no attention bias, tied embeddings). Inferred, not read: the
+    MiDashengLM-0.6B ``config.json`` itself was not available offline, so the audio encoder
+    (the same Dasheng 0.6B as the 7B: :class:`EncoderConfig` defaults), ``subsample_factor`` 5
+    and ``audio_token_id`` 151646 are taken from the 7B; verify them against the real file.
+    """
+    text_config = {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+    return MiDashengLMConfig(
+        audio_encoder_config=EncoderConfig(),
+        subsample_factor=5,
+        text_config=text_config,
+        audio_token_id=151646,
+    )
+
+
 def tiny_config(
     vocab_size: int = 512,
     audio_token_id: int = 4,
@@ -246,8 +316,8 @@ def tiny_config(
     kv_heads: int = 2,
     intermediate_size: int = 128,
 ) -> MiDashengLMConfig:
-    """A tiny model in the same architecture, for tests and the demo model."""
-    text_config = {
+    """A tiny model in the same architecture (Qwen2 decoder), for tests and the demo model."""
+    text_config: dict[str, Any] = {
         "model_type": "qwen2",
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -270,3 +340,18 @@ def tiny_config(
         text_config=text_config,
         audio_token_id=audio_token_id,
     )
+
+
+def tiny_qwen3_config(**sizes: int) -> MiDashengLMConfig:
+    """:func:`tiny_config` (same ``sizes`` keywords) with a MiDashengLM-0.6B-shaped Qwen3 decoder:
+    q/k RMSNorm, no attention bias, tied embeddings, and a ``head_dim`` of 2 x hidden/heads (as
+    in Qwen3-0.6B: 128 for 1024/16) so that a head size taken from hidden/heads cannot pass."""
+    cfg = tiny_config(**sizes)
+    text_config = dict(cfg.text_config)
+    text_config.update(
+        model_type="qwen3",
+        head_dim=2 * text_config["hidden_size"] // text_config["num_attention_heads"],
+        attention_bias=False,
+        tie_word_embeddings=True,
+    )
+    return dataclasses.replace(cfg, text_config=text_config)

@@ -1,7 +1,9 @@
-"""MiDashengLM: Dasheng encoder -> 5x frame-stacking projector -> Qwen2 decoder.
+"""MiDashengLM: Dasheng encoder -> 5x frame-stacking projector -> Qwen2 or Qwen3 decoder.
 
-Module names match the published checkpoint: ``audio_encoder.*``, ``audio_projector.net.*``,
-``decoder.model.*`` / ``decoder.lm_head.*``.
+Module names match the published checkpoints: ``audio_encoder.*``, ``audio_projector.net.*``,
+``decoder.model.*`` / ``decoder.lm_head.*``. The decoder class follows ``text_config.model_type``
+(:attr:`MiDashengLMConfig.decoder_family`): ``Qwen2ForCausalLM`` for MiDashengLM-7B,
+``Qwen3ForCausalLM`` (tied ``lm_head``) for MiDashengLM-0.6B.
 """
 
 from __future__ import annotations
@@ -11,16 +13,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from services.errors import InvalidArgument
 from services.model.config import MiDashengLMConfig
 from services.model.dasheng import DashengEncoder
 
+Decoder = Qwen2ForCausalLM | Qwen3ForCausalLM
+# With tied embeddings the checkpoint holds no lm_head: it is the embedding matrix.
+LM_HEAD_KEY = "decoder.lm_head.weight"
+EMBED_KEY = "decoder.model.embed_tokens.weight"
+
 # transformers 5.24 renamed the decoder's cache keyword (``past_key_values`` -> ``cache``);
-# older 5.x releases only know the old name.
-_FORWARD_PARAMS = inspect.signature(Qwen2ForCausalLM.forward).parameters
-CACHE_KW = "cache" if "cache" in _FORWARD_PARAMS else "past_key_values"
+# older 5.x releases only know the old name. Both families come from the same release.
+_CACHE_KWS = {
+    "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    for cls in (Qwen2ForCausalLM, Qwen3ForCausalLM)
+}
+if len(_CACHE_KWS) != 1:
+    raise ImportError(f"transformers' decoder families disagree on the cache keyword: {_CACHE_KWS}")
+CACHE_KW = _CACHE_KWS.pop()
 
 
 def output_cache(out: Any) -> Any:
@@ -48,6 +60,15 @@ def num_audio_tokens(num_samples: int, hop_length: int = 160, patch_frames: int 
     return max(1, int(1 + num_samples / hop_length) // patch_frames // k)
 
 
+def build_decoder(config: MiDashengLMConfig) -> Decoder:
+    """The decoder ``text_config.model_type`` names: Qwen3 for ``qwen3``, else Qwen2 (Qwen2.5-Omni text)."""
+    text_cfg = config.decoder_config()
+    text_cfg._attn_implementation = "sdpa"
+    if isinstance(text_cfg, Qwen3Config):
+        return Qwen3ForCausalLM(text_cfg)
+    return Qwen2ForCausalLM(text_cfg)
+
+
 class MiDashengLM(nn.Module):
     def __init__(self, config: MiDashengLMConfig) -> None:
         super().__init__()
@@ -56,9 +77,11 @@ class MiDashengLM(nn.Module):
         enc = config.audio_encoder_config
         self.audio_encoder = DashengEncoder(enc)
         self.audio_projector = AudioProjector(enc.embed_dim, config.hidden_size, config.subsample_factor)
-        text_cfg = config.qwen2_config()
-        text_cfg._attn_implementation = "sdpa"
-        self.decoder = Qwen2ForCausalLM(text_cfg)
+        self.decoder: Decoder = build_decoder(config)
+
+    def tied_keys(self) -> dict[str, str]:
+        """State-dict keys that alias another key's tensor (not stored in a checkpoint) -> that key."""
+        return {LM_HEAD_KEY: EMBED_KEY} if self.config.tie_word_embeddings else {}
 
     @property
     def dtype(self) -> torch.dtype:

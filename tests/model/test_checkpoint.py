@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -10,23 +11,29 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from services.errors import CheckpointError, ConfigError
-from services.model.checkpoint import INDEX_NAME, WEIGHTS_NAME, build_model, load_model, save_model
-from services.model.config import MiDashengLMConfig, real_7b_config
+from services.model.checkpoint import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    build_model,
+    checkpoint_state,
+    load_model,
+    save_model,
+)
+from services.model.config import MiDashengLMConfig, real_0_6b_config, real_7b_config
 from services.model.generation import GenerationOptions, generate
 from services.model.modeling import MiDashengLM
 from services.model.processor import MiDashengProcessor, build_prompt
 from tests.model.utils import batch_audio, make_wave
 
-# --- the published 7B layout ----------------------------------------------------------------
+# --- the published layouts ---------------------------------------------------------------------
 
 
-def published_7b_shapes() -> dict[str, tuple[int, ...]]:
-    """Key -> shape of mispeech/midashenglm-7b, generated from MODEL_REFERENCE.md's patterns."""
+def published_audio_shapes(h: int) -> dict[str, tuple[int, ...]]:
+    """Dasheng 0.6B encoder + projector keys (the same in every MiDashengLM), projecting to ``h``."""
     d, depth, mels = 1280, 32, 64
-    h, layers, vocab, inter, kv = 3584, 28, 152064, 18944, 4 * 128
     s: dict[str, tuple[int, ...]] = {}
     for n in ("weight", "bias", "running_mean", "running_var"):
         s[f"audio_encoder.init_bn.{n}"] = (mels,)
@@ -54,6 +61,13 @@ def published_7b_shapes() -> dict[str, tuple[int, ...]]:
     s["audio_projector.net.0.bias"] = (h,)
     s["audio_projector.net.2.weight"] = (h, h)
     s["audio_projector.net.2.bias"] = (h,)
+    return s
+
+
+def published_7b_shapes() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of mispeech/midashenglm-7b, generated from MODEL_REFERENCE.md's patterns."""
+    h, layers, vocab, inter, kv = 3584, 28, 152064, 18944, 4 * 128
+    s = published_audio_shapes(h)
     s["decoder.model.embed_tokens.weight"] = (vocab, h)
     for i in range(layers):
         b = f"decoder.model.layers.{i}."
@@ -73,9 +87,43 @@ def published_7b_shapes() -> dict[str, tuple[int, ...]]:
     return s
 
 
+def published_0_6b_shapes() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of mispeech/midashenglm-0.6b-fp32 from the published Qwen3-0.6B text config:
+    16 query / 8 KV heads of head_dim 128 (q_proj is 2048 wide in a 1024 model), q/k RMSNorm
+    over head_dim, no attention biases, and no ``decoder.lm_head.weight`` (tied embeddings)."""
+    h, layers, vocab, inter, hd = 1024, 28, 151936, 3072, 128
+    q, kv = 16 * hd, 8 * hd
+    s = published_audio_shapes(h)
+    s["decoder.model.embed_tokens.weight"] = (vocab, h)
+    for i in range(layers):
+        b = f"decoder.model.layers.{i}."
+        s[b + "self_attn.q_proj.weight"] = (q, h)
+        s[b + "self_attn.k_proj.weight"] = (kv, h)
+        s[b + "self_attn.v_proj.weight"] = (kv, h)
+        s[b + "self_attn.o_proj.weight"] = (h, q)
+        s[b + "self_attn.q_norm.weight"] = (hd,)
+        s[b + "self_attn.k_norm.weight"] = (hd,)
+        s[b + "mlp.gate_proj.weight"] = (inter, h)
+        s[b + "mlp.up_proj.weight"] = (inter, h)
+        s[b + "mlp.down_proj.weight"] = (h, inter)
+        s[b + "input_layernorm.weight"] = (h,)
+        s[b + "post_attention_layernorm.weight"] = (h,)
+    s["decoder.model.norm.weight"] = (h,)
+    return s
+
+
+def numel(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
+    return sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix))
+
+
 @pytest.fixture(scope="module")
 def meta_7b() -> MiDashengLM:
     return build_model(real_7b_config(), "meta")
+
+
+@pytest.fixture(scope="module")
+def meta_0_6b() -> MiDashengLM:
+    return build_model(real_0_6b_config(), "meta")
 
 
 def test_real_7b_key_set_and_shapes(meta_7b: MiDashengLM) -> None:
@@ -86,6 +134,8 @@ def test_real_7b_key_set_and_shapes(meta_7b: MiDashengLM) -> None:
     assert sorted(set(expected) - set(got)) == []  # nothing missing
     assert got == expected
     assert len(got) == 738
+    assert meta_7b.tied_keys() == {}  # the checkpoint key set is the whole state dict
+    assert {k: tuple(v.shape) for k, v in checkpoint_state(meta_7b).items()} == expected
 
 
 def test_real_7b_parameter_counts(meta_7b: MiDashengLM) -> None:
@@ -93,21 +143,72 @@ def test_real_7b_parameter_counts(meta_7b: MiDashengLM) -> None:
     dec = sum(p.numel() for p in meta_7b.decoder.parameters())
     proj = sum(p.numel() for p in meta_7b.audio_projector.parameters())
     assert round(enc / 1e5) / 10 == 630.3
-    assert dec == 7_615_616_512
+    assert dec == 7_615_616_512 == numel(published_7b_shapes(), "decoder.")
     assert proj == 3584 * 6400 + 3584 + 3584 * 3584 + 3584
 
 
-def test_real_7b_on_meta_allocates_nothing(meta_7b: MiDashengLM) -> None:
-    tensors = [*meta_7b.parameters(), *meta_7b.buffers()]
+def test_real_0_6b_key_set_and_shapes(meta_0_6b: MiDashengLM) -> None:
+    expected = published_0_6b_shapes()
+    audio = {k: v for k, v in published_7b_shapes().items() if k.startswith("audio_encoder.")}
+    assert {k: v for k, v in expected.items() if k.startswith("audio_encoder.")} == audio  # same encoder
+    assert len(expected) == 395 + 4 + 1 + 28 * 11 + 1 == 709
+    got = {k: tuple(v.shape) for k, v in checkpoint_state(meta_0_6b).items()}
+    assert sorted(set(got) - set(expected)) == []  # nothing extra
+    assert sorted(set(expected) - set(got)) == []  # nothing missing
+    assert got == expected
+    assert "decoder.lm_head.weight" not in got
+    assert not any(k.endswith(".bias") for k in got if k.startswith("decoder."))
+    # The module still has an lm_head: the embedding matrix under a second name.
+    assert meta_0_6b.tied_keys() == {"decoder.lm_head.weight": "decoder.model.embed_tokens.weight"}
+    assert set(meta_0_6b.state_dict()) == set(expected) | {"decoder.lm_head.weight"}
+    assert meta_0_6b.decoder.lm_head.weight is meta_0_6b.decoder.model.embed_tokens.weight
+
+
+def test_real_0_6b_parameter_counts(meta_0_6b: MiDashengLM) -> None:
+    shapes = published_0_6b_shapes()
+    # Qwen3-0.6B, tied: 151936*1024 embedding + 28 layers of 15,730,944 + the final norm.
+    per_layer = (2048 + 1024 + 1024) * 1024 + 1024 * 2048 + 2 * 128 + 3 * 1024 * 3072 + 2 * 1024
+    assert per_layer == 15_730_944
+    assert numel(shapes, "decoder.") == 151936 * 1024 + 28 * per_layer + 1024 == 596_049_920
+    dec = sum(p.numel() for p in meta_0_6b.decoder.parameters())  # the tied lm_head counts once
+    print(f"MiDashengLM-0.6B decoder parameters: {dec:,}")
+    assert dec == 596_049_920
+    enc = sum(p.numel() for p in meta_0_6b.audio_encoder.parameters())
+    assert enc == numel(shapes, "audio_encoder.") - (64 + 64 + 1)  # init_bn running stats are buffers
+    assert round(enc / 1e5) / 10 == 630.3
+    proj = sum(p.numel() for p in meta_0_6b.audio_projector.parameters())
+    assert proj == 1024 * 6400 + 1024 + 1024 * 1024 + 1024 == numel(shapes, "audio_projector.") == 7_604_224
+
+
+def test_real_0_6b_decoder_is_qwen3(meta_0_6b: MiDashengLM) -> None:
+    cfg = real_0_6b_config()
+    assert cfg.decoder_family == "qwen3" and cfg.tie_word_embeddings
+    assert type(meta_0_6b.decoder) is Qwen3ForCausalLM
+    dc = meta_0_6b.decoder.config
+    assert isinstance(dc, Qwen3Config)
+    assert (dc.hidden_size, dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim) == (1024, 16, 8, 128)
+    assert dc.tie_word_embeddings is True and dc.attention_bias is False
+    assert dict(dc.rope_parameters or {}).get("rope_theta") == 1_000_000
+    assert (dc.rms_norm_eps, dc.max_position_embeddings, dc.vocab_size) == (1e-6, 40960, 151936)
+    assert (dc.bos_token_id, dc.eos_token_id) == (151643, 151645)
+    assert cfg.audio_encoder_config == real_7b_config().audio_encoder_config
+    assert (cfg.subsample_factor, cfg.audio_token_id) == (5, 151646)
+
+
+@pytest.mark.parametrize("make", [real_7b_config, real_0_6b_config])
+def test_real_model_on_meta_allocates_nothing(make) -> None:
+    model = build_model(make(), "meta")
+    tensors = [*model.parameters(), *model.buffers()]
     assert tensors and all(t.is_meta for t in tensors)
     # The frontend constants are real fp32 CPU tensors even on meta (recomputed, never loaded).
-    fe = meta_7b.audio_encoder.front_end
+    fe = model.audio_encoder.front_end
     assert fe._fb.device.type == "cpu" and fe._fb.dtype == torch.float32 and fe._fb.shape == (257, 64)
     assert fe._window.device.type == "cpu" and fe._window.shape == (512,)
 
 
-def test_real_7b_config_round_trips_through_json() -> None:
-    cfg = real_7b_config()
+@pytest.mark.parametrize("make", [real_7b_config, real_0_6b_config])
+def test_real_config_round_trips_through_json(make) -> None:
+    cfg = make()
     data = json.loads(json.dumps(cfg.to_dict()))
     assert data["model_type"] == "midashenglm"
     assert data["architectures"] == ["MiDashengLMModel"]
@@ -116,6 +217,7 @@ def test_real_7b_config_round_trips_through_json() -> None:
     again = MiDashengLMConfig.from_dict(data)
     assert again.to_dict() == cfg.to_dict()
     assert again.audio_encoder_config == cfg.audio_encoder_config
+    assert again.decoder_config().to_dict() == cfg.decoder_config().to_dict()
 
 
 # --- helpers for tiny checkpoints -------------------------------------------------------------
@@ -407,4 +509,160 @@ def test_audio_only_load_skips_the_decoder(tiny_ckpt: Path) -> None:
     lengths = torch.tensor([40000, 25000])
     a, ma = audio.encode_audio(x, lengths)
     b, mb = full.encode_audio(x, lengths)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+
+
+# --- the Qwen3 family: tied embeddings ----------------------------------------------------------
+
+
+def assert_tied(model: MiDashengLM) -> None:
+    assert model.decoder.lm_head.weight is model.decoder.model.embed_tokens.weight
+    assert not model.decoder.lm_head.weight.is_meta
+
+
+def test_tiny_qwen3_model_is_a_qwen3_decoder(tiny_qwen3_model: MiDashengLM) -> None:
+    assert type(tiny_qwen3_model.decoder) is Qwen3ForCausalLM
+    assert_tied(tiny_qwen3_model)
+    attn = tiny_qwen3_model.decoder.model.layers[0].self_attn
+    # head_dim comes from the config (32), not hidden/heads (64 / 4 = 16).
+    assert attn.head_dim == 32 and attn.q_norm.weight.shape == (32,) and attn.k_norm.weight.shape == (32,)
+    assert attn.q_proj.weight.shape == (4 * 32, 64) and attn.k_proj.weight.shape == (2 * 32, 64)
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None
+
+
+def test_qwen3_unsharded_round_trip_is_bit_exact(
+    tiny_qwen3_ckpt: Path,
+    tiny_qwen3_model: MiDashengLM,
+    qwen3_processor: MiDashengProcessor,
+    clips: list[np.ndarray],
+) -> None:
+    stored = load_file(str(tiny_qwen3_ckpt / WEIGHTS_NAME))
+    assert "decoder.lm_head.weight" not in stored  # written once, as the embedding
+    assert set(stored) == set(checkpoint_state(tiny_qwen3_model))
+    assert set(stored) | {"decoder.lm_head.weight"} == set(tiny_qwen3_model.state_dict())
+    assert "decoder.model.layers.1.self_attn.k_norm.weight" in stored
+    loaded = load_model(tiny_qwen3_ckpt)
+    assert type(loaded.decoder) is Qwen3ForCausalLM
+    assert_tied(loaded)
+    assert_same_weights(tiny_qwen3_model, loaded)
+    assert_same_behaviour(tiny_qwen3_model, loaded, qwen3_processor, clips)
+
+
+def test_qwen3_sharded_round_trip_is_bit_exact(
+    tmp_path: Path,
+    tiny_qwen3_model: MiDashengLM,
+    tokenizer: PreTrainedTokenizerFast,
+    qwen3_processor: MiDashengProcessor,
+    clips: list[np.ndarray],
+) -> None:
+    out = save_model(tiny_qwen3_model, tmp_path / "sharded", tokenizer, max_shard_bytes=100_000)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and not (out / WEIGHTS_NAME).exists()
+    index = json.loads((out / INDEX_NAME).read_text())
+    state = checkpoint_state(tiny_qwen3_model)
+    assert "decoder.lm_head.weight" not in index["weight_map"]
+    assert set(index["weight_map"]) == set(state)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    on_disk = {k for shard in shards for k in load_file(str(shard))}
+    assert on_disk == set(state)
+    loaded = load_model(out)
+    assert_tied(loaded)
+    assert_same_weights(tiny_qwen3_model, loaded)
+    assert_same_behaviour(tiny_qwen3_model, loaded, qwen3_processor, clips)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "decoder.model.layers.1.self_attn.k_norm.weight",
+        "decoder.model.layers.0.self_attn.q_proj.weight",
+        "decoder.model.embed_tokens.weight",  # the tied lm_head does not stand in for it
+    ],
+)
+def test_qwen3_missing_key_is_named(tmp_path: Path, tiny_qwen3_ckpt: Path, key: str) -> None:
+    d = copy_ckpt(tiny_qwen3_ckpt, tmp_path / "c")
+    _edit_weights(d, lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match=r"1 missing keys: " + key.replace(".", r"\.") + "$"):
+        load_model(d)
+
+
+def test_qwen3_misshaped_norm_is_named(tmp_path: Path, tiny_qwen3_ckpt: Path) -> None:
+    """A q_norm over hidden/heads (16) instead of head_dim (32) is refused, naming both shapes."""
+    d = copy_ckpt(tiny_qwen3_ckpt, tmp_path / "c")
+    key = "decoder.model.layers.0.self_attn.q_norm.weight"
+    _edit_weights(d, lambda s: s.__setitem__(key, torch.ones(16)))
+    with pytest.raises(
+        CheckpointError, match=key.replace(".", r"\.") + r" \(checkpoint \[16\], model \[32\]\)"
+    ):
+        load_model(d)
+
+
+def test_qwen3_stored_lm_head_must_equal_the_embedding(
+    tmp_path: Path, tiny_qwen3_ckpt: Path, tiny_qwen3_model: MiDashengLM
+) -> None:
+    """Some exporters write the tied lm_head anyway: a copy loads (still tied), anything else is refused."""
+    same = copy_ckpt(tiny_qwen3_ckpt, tmp_path / "same")
+    _edit_weights(
+        same,
+        lambda s: s.__setitem__("decoder.lm_head.weight", s["decoder.model.embed_tokens.weight"].clone()),
+    )
+    loaded = load_model(same)
+    assert_tied(loaded)
+    assert_same_weights(tiny_qwen3_model, loaded)
+
+    other = copy_ckpt(tiny_qwen3_ckpt, tmp_path / "other")
+    _edit_weights(
+        other,
+        lambda s: s.__setitem__("decoder.lm_head.weight", s["decoder.model.embed_tokens.weight"] + 1e-3),
+    )
+    with pytest.raises(CheckpointError, match=r"decoder\.lm_head\.weight.*differs.*tie_word_embeddings"):
+        load_model(other)
+
+    misshaped = copy_ckpt(tiny_qwen3_ckpt, tmp_path / "misshaped")
+    _edit_weights(misshaped, lambda s: s.__setitem__("decoder.lm_head.weight", torch.zeros(3, 64)))
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: decoder\.lm_head\.weight"):
+        load_model(misshaped)
+
+
+def test_untied_checkpoint_without_lm_head_is_refused(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """Only a config that ties the embeddings may leave lm_head out (the 7B's is untied)."""
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    _edit_weights(d, lambda s: s.pop("decoder.lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing keys: decoder\.lm_head\.weight$"):
+        load_model(d)
+
+
+def test_qwen3_load_bfloat16_stays_tied(
+    tmp_path: Path, tiny_qwen3_ckpt: Path, tiny_qwen3_model: MiDashengLM
+) -> None:
+    model = load_model(tiny_qwen3_ckpt, dtype="bfloat16")
+    assert_tied(model)
+    for name, t in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            assert t.dtype == torch.long
+        elif name.startswith("audio_encoder.init_bn."):
+            assert t.dtype == torch.float32, name
+        else:
+            assert t.dtype == torch.bfloat16, name
+    ref = tiny_qwen3_model.decoder.model.embed_tokens.weight
+    assert torch.equal(model.decoder.lm_head.weight, ref.to(torch.bfloat16))
+    fe = model.audio_encoder.front_end
+    assert fe._fb.dtype == torch.float32 and fe._window.dtype == torch.float32
+    # Saving in bf16 and loading back in fp32 writes the embedding once and keeps the tie.
+    out = save_model(model, tmp_path / "bf16_copy", dtype="bfloat16")
+    assert "decoder.lm_head.weight" not in load_file(str(out / WEIGHTS_NAME))
+    again = load_model(out, dtype="bfloat16")
+    assert_tied(again)
+    assert_same_weights(model, again)
+
+
+def test_qwen3_audio_only_load_skips_the_decoder(
+    tiny_qwen3_ckpt: Path, tiny_qwen3_model: MiDashengLM
+) -> None:
+    audio = load_model(tiny_qwen3_ckpt, audio_only=True)
+    assert audio.decoder.model.embed_tokens.weight.is_meta
+    x = torch.randn(2, 40000) * 0.1
+    lengths = torch.tensor([40000, 25000])
+    a, ma = audio.encode_audio(x, lengths)
+    b, mb = tiny_qwen3_model.encode_audio(x, lengths)
     assert torch.equal(a, b) and torch.equal(ma, mb)

@@ -1,4 +1,7 @@
-"""Greedy / sampled decoding: cache equivalence, padding invariance, stopping and option checks."""
+"""Greedy / sampled decoding: cache equivalence, padding invariance, stopping and option checks.
+
+Most tests run the Qwen2-family tiny model; cache equivalence and padding invariance also run the
+Qwen3 family (q/k RMSNorm, tied embeddings: MiDashengLM-0.6B's decoder)."""
 
 from __future__ import annotations
 
@@ -41,6 +44,44 @@ def test_cached_equals_uncached_greedy(
     assert [len(r) for r in greedy] == [20, 20, 20]
     assert greedy == uncached
     assert len({tuple(r) for r in greedy}) == 3  # rows really differ: the audio matters
+
+
+@pytest.fixture(scope="module")
+def qwen3_batch(qwen3_processor: MiDashengProcessor, clips: list[np.ndarray]) -> ModelInputs:
+    prompts = [build_prompt(), build_prompt("Describe it."), build_prompt(system_prompt="Be brief.")]
+    return qwen3_processor(prompts, clips)
+
+
+@pytest.fixture(scope="module")
+def qwen3_greedy(tiny_qwen3_model: MiDashengLM, qwen3_batch: ModelInputs) -> list[list[int]]:
+    return generate(tiny_qwen3_model, qwen3_batch, NEVER, GenerationOptions(max_new_tokens=20))
+
+
+def test_qwen3_cached_equals_uncached_greedy(
+    tiny_qwen3_model: MiDashengLM, qwen3_batch: ModelInputs, qwen3_greedy: list[list[int]]
+) -> None:
+    assert len(set(qwen3_batch.attention_mask.sum(1).tolist())) == 3  # three different left pads
+    uncached = generate(
+        tiny_qwen3_model, qwen3_batch, NEVER, GenerationOptions(max_new_tokens=20, use_cache=False)
+    )
+    assert [len(r) for r in qwen3_greedy] == [20, 20, 20]
+    assert qwen3_greedy == uncached
+    assert len({tuple(r) for r in qwen3_greedy}) == 3  # rows really differ: the audio matters
+    assert len({t for r in qwen3_greedy for t in r}) >= 5  # not one token over and over
+
+
+def test_qwen3_left_padded_rows_equal_each_row_alone(
+    tiny_qwen3_model: MiDashengLM,
+    qwen3_processor: MiDashengProcessor,
+    clips: list[np.ndarray],
+    qwen3_greedy: list[list[int]],
+) -> None:
+    prompts = [build_prompt(), build_prompt("Describe it."), build_prompt(system_prompt="Be brief.")]
+    for i in range(3):
+        alone = qwen3_processor([prompts[i]], [clips[i]])
+        assert generate(tiny_qwen3_model, alone, NEVER, GenerationOptions(max_new_tokens=20)) == [
+            qwen3_greedy[i]
+        ]
 
 
 def test_left_padded_rows_equal_each_row_alone(
