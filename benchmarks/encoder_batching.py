@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from encoder_service.backends import TorchBackend  # noqa: E402
 from encoder_service.batcher import EncoderBatcher  # noqa: E402
 from encoder_service.sessions import EncoderSessions  # noqa: E402
 from services.constants import SAMPLE_RATE
@@ -34,7 +35,7 @@ CHUNK = 1600  # samples, 100 ms
 
 def run(model, sessions: int, seconds: float, max_batch: int) -> float:  # type: ignore[no-untyped-def]
     published = []
-    batcher = EncoderBatcher(model.audio_encoder, max_batch=max_batch, max_wait_ms=5.0)
+    batcher = EncoderBatcher(TorchBackend(model.audio_encoder), max_batch=max_batch, max_wait_ms=5.0)
     batcher.start()
     enc = EncoderSessions(model, batcher, lambda sid, payload: published.append(len(payload)))
     rng = np.random.default_rng(0)

@@ -1,8 +1,9 @@
-"""Micro-batching of encoder windows across sessions on one device.
+"""Micro-batching of encoder windows across sessions, in front of an encoder backend.
 
-Callers submit the :class:`WindowJob` list of one session and wait on a future. One device
-thread takes the first waiting submission, gathers more until ``max_batch`` windows or
-``max_wait_ms`` have passed, runs them as one batch and resolves every future.
+Callers submit the windows of one session (or of one clip) and wait on a future. Each of the
+backend's ``max_in_flight`` threads (one for the in-process torch backend) takes the first waiting
+submission, gathers more until ``max_batch`` windows or ``max_wait_ms`` have passed, runs them as
+one batch on the backend and resolves every future.
 """
 
 from __future__ import annotations
@@ -11,42 +12,50 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from encoder_service.backends.base import EncoderBackend
 from services import metrics
-from services.errors import ResourceExhausted
-from services.model.dasheng import DashengEncoder
-from services.streaming.encoder import WindowJob, run_jobs
+from services.errors import MidashengError, ResourceExhausted
+from services.streaming.encoder import EncoderWindow
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Submission:
-    jobs: list[WindowJob]
+    jobs: list[EncoderWindow]
     future: Future[list[torch.Tensor]]
 
 
 class EncoderBatcher:
     def __init__(
-        self, encoder: DashengEncoder, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256
+        self, backend: EncoderBackend, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256
     ) -> None:
-        self.encoder = encoder
+        self.backend = backend
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self._queue: queue.Queue[_Submission] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="encoder-batcher", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"encoder-batcher-{i}", daemon=True)
+            for i in range(max(1, backend.max_in_flight))
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
         while True:  # fail whatever is left so no caller waits forever
             try:
                 sub = self._queue.get_nowait()
@@ -54,7 +63,7 @@ class EncoderBatcher:
                 break
             sub.future.set_exception(ResourceExhausted("the encoder is shutting down"))
 
-    def submit(self, jobs: list[WindowJob]) -> Future[list[torch.Tensor]]:
+    def submit(self, jobs: Sequence[EncoderWindow]) -> Future[list[torch.Tensor]]:
         fut: Future[list[torch.Tensor]] = Future()
         if not jobs:
             fut.set_result([])
@@ -62,14 +71,14 @@ class EncoderBatcher:
         if self._stop.is_set():
             raise ResourceExhausted("the encoder is shutting down")
         try:
-            self._queue.put_nowait(_Submission(jobs, fut))
+            self._queue.put_nowait(_Submission(list(jobs), fut))
         except queue.Full as e:
             metrics.DROPPED_CHUNKS.labels(where="encoder_queue").inc()
             raise ResourceExhausted("the encoder queue is full; retry later") from e
         metrics.ENCODER_QUEUE.set(self._queue.qsize())
         return fut
 
-    def run(self, jobs: list[WindowJob], timeout: float) -> list[torch.Tensor]:
+    def run(self, jobs: Sequence[EncoderWindow], timeout: float) -> list[torch.Tensor]:
         return self.submit(jobs).result(timeout=timeout)
 
     def _loop(self) -> None:
@@ -98,9 +107,12 @@ class EncoderBatcher:
         jobs = [j for sub in batch for j in sub.jobs]
         t0 = time.monotonic()
         try:
-            feats = run_jobs(self.encoder, jobs)
-        except Exception as e:  # resolve every waiter; the server logs and maps the error
-            log.exception("encoder batch of %d windows failed", len(jobs))
+            feats = self.backend.encode(jobs)
+        except Exception as e:  # resolve every waiter; the server maps the error
+            if isinstance(e, MidashengError):  # named (e.g. Triton unavailable): no traceback
+                log.warning("encoder batch of %d windows failed: %s", len(jobs), e)
+            else:
+                log.exception("encoder batch of %d windows failed", len(jobs))
             for sub in batch:
                 sub.future.set_exception(e)
             return

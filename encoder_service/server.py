@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import redis
-import torch
 
+from encoder_service.backends import EncoderBackend, TorchBackend
 from encoder_service.batcher import EncoderBatcher
+from encoder_service.clips import encode_clip
 from encoder_service.sessions import EncoderLimits, EncoderSessions
 from services import rpc
 from services.audio.io import pcm16_bytes_to_float
 from services.constants import SAMPLE_RATE
 from services.errors import InvalidArgument
 from services.model.modeling import MiDashengLM
-from services.model.processor import prepare_audio
 from services.pb.midasheng.v1 import encoder_pb2, encoder_pb2_grpc
 from services.runtime import Periodic
 from services.transport import keys
@@ -49,7 +48,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, model: MiDashengLM, sessions: EncoderSessions) -> None:
         self.model = model
         self.sessions = sessions
-        self._lock = threading.Lock()
 
     @rpc.unary
     def OpenSession(
@@ -100,16 +98,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if samples.size == 0:
             raise InvalidArgument("the clip is empty")
         t0 = time.perf_counter()
-        wav = prepare_audio(samples)
-        with torch.inference_mode(), self._lock:
-            lengths = torch.tensor([wav.numel()], device=self.model.device)
-            audio = wav[None].to(self.model.device)
-            if request.encoder_only:
-                feats, _ = self.model.audio_encoder.forward_audio(audio, lengths)
-                out = feats[0]
-            else:
-                tokens, _ = self.model.encode_audio(audio, lengths)
-                out = tokens[0, : self.model.token_count(wav.numel())]
+        out = encode_clip(self.model, self.sessions.batcher, samples, request.encoder_only)
         data, dtype = tokens_to_bytes(out)
         return encoder_pb2.EncodeClipResponse(
             embeddings=encoder_pb2.Tensor(shape=list(out.shape), dtype=dtype, data=data),  # type: ignore[arg-type]
@@ -127,10 +116,15 @@ class EncoderServer:
     _reaper: Periodic
     redis: redis.Redis | None = None
 
+    @property
+    def backend(self) -> EncoderBackend:
+        return self.batcher.backend
+
     def stop(self, grace: float = 2.0) -> None:
         self._reaper.stop()
         self.server.stop(grace).wait(grace + 1)
         self.batcher.stop()
+        self.batcher.backend.close()
         if self.redis is not None:
             self.redis.close()
 
@@ -141,7 +135,11 @@ def start_encoder_server(
     address: str = "127.0.0.1:0",
     limits: EncoderLimits | None = None,
     defaults: TransportDefaults | None = None,
+    backend: EncoderBackend | None = None,
 ) -> EncoderServer:
+    """Serve ``model``'s streaming sessions and clips; the encoder itself runs on ``backend``
+    (default: :class:`TorchBackend` on ``model.audio_encoder``), which the server closes on stop.
+    ``model`` provides the config, the log-mel frontend and the projector."""
     limits = limits or EncoderLimits()
     defaults = defaults or TransportDefaults()
     client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
@@ -153,7 +151,7 @@ def start_encoder_server(
         )
 
     batcher = EncoderBatcher(
-        model.audio_encoder,
+        backend or TorchBackend(model.audio_encoder),
         max_batch=limits.max_batch,
         max_wait_ms=limits.max_wait_ms,
         max_queue=limits.max_queue,
@@ -166,5 +164,5 @@ def start_encoder_server(
     port = rpc.bind(server, address)
     server.start()
     reaper = Periodic("encoder-reaper", 5.0, lambda: sessions.expire_idle(limits.idle_seconds)).start()
-    log.info("encoder service listening on port %d", port)
+    log.info("encoder service listening on port %d (%s backend)", port, batcher.backend.name)
     return EncoderServer(server, port, batcher, sessions, reaper, client)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,6 +60,16 @@ from services.model.dasheng import DashengEncoder
 from services.model.frontend import AMIN, TOP_DB, LogMelFrontend
 from services.model.modeling import AudioProjector
 from services.model.processor import MIN_SAMPLES
+
+
+class EncoderWindow(Protocol):
+    """What the encoder needs of one attention window (a :class:`WindowJob`, or a window of a clip)."""
+
+    @property
+    def mel(self) -> torch.Tensor: ...  # (n_mels, T) fp32 log-mel, 0 < T <= 1008 frames
+
+    @property
+    def valid_patches(self) -> int: ...  # patches holding real audio (keys beyond are masked)
 
 
 @dataclass(eq=False)
@@ -437,8 +448,8 @@ class StreamingEncoderSession:
         return tokens[0]
 
 
-def run_jobs(encoder: DashengEncoder, jobs: Sequence[WindowJob]) -> list[torch.Tensor]:
-    """Run window jobs (from any sessions) through ``encoder``; returns each job's (P, D) features.
+def run_jobs(encoder: DashengEncoder, jobs: Sequence[EncoderWindow]) -> list[torch.Tensor]:
+    """Run windows (from any sessions) through ``encoder``; returns each window's (P, D) features.
 
     Jobs are batched: mels are padded along time to the longest with their own minimum value and
     keys are masked beyond ``valid_patches``, so every job gets the features it gets alone. A job

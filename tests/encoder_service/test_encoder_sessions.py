@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from encoder_service.backends import TorchBackend
 from encoder_service.batcher import EncoderBatcher
 from encoder_service.sessions import EncoderSessions
 from services.model.modeling import MiDashengLM
@@ -25,7 +26,7 @@ class FlakySink:
 
 
 def test_failed_publications_are_resent_in_order(encoder_model: MiDashengLM) -> None:
-    batcher = EncoderBatcher(encoder_model.audio_encoder)
+    batcher = EncoderBatcher(TorchBackend(encoder_model.audio_encoder))
     batcher.start()
     sink = FlakySink()
     sessions = EncoderSessions(encoder_model, batcher, sink)
