@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         stream,
         synth,
         train,
+        triton_repo,
         up,
         watch,
     )
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate,
         gateway,
         encoder,
+        triton_repo,
         lm,
         jobs,
         adapters,

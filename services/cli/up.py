@@ -2,19 +2,26 @@
 
 Starts (as child processes) a private redis-server when no ``REDIS_URL`` is given, the encoder
 service, the LM service with its live worker(s), and the gateway; waits for each to answer its
-gRPC health check; prefixes every child's log lines with its name.
+gRPC health check; prefixes every child's log lines with its name. With ``--encoder-backend
+triton`` it first writes a model repository for the checkpoint's encoder into a temporary
+directory and starts a local ``tritonserver`` on it (from the Triton environment, see
+``deploy/triton/README.md``), which the encoder then uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lm_service.engines import DEFAULT_ENGINE, ENGINES
 from services import config
@@ -23,6 +30,9 @@ from services.pb.midasheng.v1 import captions_pb2, encoder_pb2, lm_pb2
 from services.rpc import wait_healthy
 from services.transport.keys import TransportDefaults
 from services.transport.redis_server import PrivateRedis, free_port, start_private_redis
+
+if TYPE_CHECKING:
+    from encoder_service.backends.triton_local import LocalTriton
 
 ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 LM_SERVICE = lm_pb2.DESCRIPTOR.services_by_name["LMService"].full_name
@@ -49,6 +59,8 @@ class Stack:
     http: str | None = None
     children: list[Child] = field(default_factory=list)
     redis: PrivateRedis | None = None
+    triton: LocalTriton | None = None  # with --encoder-backend triton
+    triton_repo: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def stop(self) -> None:
@@ -65,15 +77,20 @@ class Stack:
         for child in self.children:
             if child.thread is not None:
                 child.thread.join(timeout=2)
+        if self.triton is not None:
+            self.triton.stop()
+        if self.triton_repo is not None:
+            shutil.rmtree(self.triton_repo, ignore_errors=True)
         if self.redis is not None:
             self.redis.stop()
 
 
 def _pipe(child: Child, out: object, lock: threading.Lock) -> None:
     assert child.process.stdout is not None
-    for line in child.process.stdout:
-        with lock:
-            print(f"[{child.name}] {line.rstrip()}", file=out, flush=True)  # type: ignore[call-overload]
+    with child.process.stdout:  # closed at the end of the child's output
+        for line in child.process.stdout:
+            with lock:
+                print(f"[{child.name}] {line.rstrip()}", file=out, flush=True)  # type: ignore[call-overload]
 
 
 def _spawn(
@@ -107,6 +124,25 @@ def _ready(stack: Stack, child: Child, target: str, service: str) -> None:
     raise MidashengError(f"{child.name} did not become healthy within {READY_TIMEOUT_S:.0f} s")
 
 
+def _start_triton(stack: Stack, model: str | None, device: str, out: object, triton_env: str | None) -> str:
+    """A local tritonserver serving the checkpoint's encoder; returns its gRPC address."""
+    from encoder_service.backends.triton_local import find_install, start_local_triton
+    from encoder_service.backends.triton_repo import RepoOptions, write_repository
+    from services.model.loading import pick_device
+
+    install = find_install(triton_env)  # before anything is written: says how to create it
+    stack.triton_repo = Path(tempfile.mkdtemp(prefix="midasheng-triton-repo-"))
+    kind = "gpu" if pick_device(device).type == "cuda" else "cpu"
+    write_repository(model, stack.triton_repo, RepoOptions(kind=kind))
+
+    def log(line: str) -> None:
+        with stack._lock:
+            print(f"[triton] {line}", file=out, flush=True)  # type: ignore[call-overload]
+
+    stack.triton = start_local_triton(stack.triton_repo, install, metrics_port=free_port(), output=log)
+    return stack.triton.url
+
+
 def start_stack(
     model: str | None = None,
     redis_url: str | None = None,
@@ -120,9 +156,13 @@ def start_stack(
     extra_gateway_args: list[str] | None = None,
     defaults: TransportDefaults | None = None,
     engine: str = DEFAULT_ENGINE,
+    encoder_backend: str = "torch",
+    triton_env: str | None = None,
 ) -> Stack:
     """Start everything and return once every service answers its health check. ``defaults``
-    reach every child through the environment (they must agree across processes)."""
+    reach every child through the environment (they must agree across processes).
+    ``encoder_backend="triton"`` also starts a local Triton for the encoder (``triton_env``: the
+    Triton environment, default ``.venv-triton`` or ``$MIDASHENG_TRITON_ENV``)."""
     redis = None
     if not redis_url:
         redis = start_private_redis()
@@ -134,13 +174,15 @@ def start_stack(
     env = config.to_env(defaults) if defaults is not None else {}
     service = {"redis": ["--redis-url", redis_url], "device": ["--device", device, *model_args]}
     try:
-        enc = _spawn(
-            stack,
-            "encoder",
-            ["encoder", "--listen", stack.encoder, *service["redis"], *service["device"]],
-            out,
-            env,
-        )
+        enc_args = ["encoder", "--listen", stack.encoder, *service["redis"], *service["device"]]
+        if encoder_backend == "triton":
+            enc_args += [
+                "--backend",
+                "triton",
+                "--triton-url",
+                _start_triton(stack, model, device, out, triton_env),
+            ]
+        enc = _spawn(stack, "encoder", enc_args, out, env)
         lms = []
         for i in range(lm_processes):
             target = stack.lm if i == 0 else f"{host}:{free_port()}"
@@ -190,6 +232,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=ENGINES,
         help=f"caption engine (default: {DEFAULT_ENGINE})",
     )
+    p.add_argument(
+        "--encoder-backend",
+        default="torch",
+        choices=("torch", "triton"),
+        help="torch: the encoder runs in the encoder process; triton: in a local tritonserver started "
+        "for it (needs the Triton environment: bash deploy/triton/setup-env.sh)",
+    )
+    p.add_argument(
+        "--triton-env",
+        default=None,
+        help="the Triton environment (default: $MIDASHENG_TRITON_ENV or .venv-triton in the project)",
+    )
     p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
     config.add_flags(p, TransportDefaults)
     p.set_defaults(func=run)
@@ -207,10 +261,15 @@ def run(args: argparse.Namespace) -> int:
         args.device,
         defaults=config.from_args(TransportDefaults, args),
         engine=args.engine,
+        encoder_backend=args.encoder_backend,
+        triton_env=args.triton_env,
     )
     lines = [f"midasheng is up: gRPC gateway at {stack.gateway}"]
     if stack.http:
         lines.append(f"  web page:  {stack.http}")
+    if stack.triton is not None:
+        t = stack.triton
+        lines.append(f"  triton (encoder): grpc {t.url}, metrics http://{t.host}:{t.metrics_port}/metrics")
     lines.append(f"  stream a file:  midasheng stream FILE --server {stack.gateway}")
     lines.append(f"  redis: {stack.redis_url}  (Ctrl-C stops everything)")
     print("\n".join(lines), flush=True)
