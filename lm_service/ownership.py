@@ -27,6 +27,7 @@ from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.lease import Heartbeat, Lease
 from services.wire.events import CaptionStream
+from services.wire.load import LoadReport
 from services.wire.settings import settings_from_hash
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class SessionOwnership:
         max_sessions: int,
         silent_session_s: float,
         on_release: Callable[[str], None] = lambda sid: None,
+        max_lag_s: float = 5.0,
     ) -> None:
         self.redis = client
         self.engine = engine
@@ -77,6 +79,9 @@ class SessionOwnership:
             on_lost=self.on_lost,
         )
         self._last_scan = 0.0
+        self.max_lag_s = max_lag_s
+        self._lag_s = 0.0  # the oldest publication admitted since the last report, seconds
+        self.behind = False  # publications wait longer than max_lag_s: adopt nothing new
 
     def housekeeping(self, now: float) -> None:
         """Drop lost leases every call; adopt, drop abandoned and silent sessions every half heartbeat."""
@@ -84,10 +89,26 @@ class SessionOwnership:
         if now - self._last_scan < self.defaults.heartbeat_ms / 1000 / 2:
             return
         self._last_scan = now
-        self.adopt_free_sessions()
+        self.behind, self._lag_s = self._lag_s > self.max_lag_s, 0.0
+        self.report()
+        if not self.behind:
+            self.adopt_free_sessions()
         self.drop_abandoned()
         self.report_pending()
         self.expire_silent(now)
+
+    # --- load -----------------------------------------------------------------------------------
+
+    def observe_lag(self, seconds: float) -> None:
+        self._lag_s = max(self._lag_s, seconds)
+
+    def report(self) -> None:
+        """Publish this worker's load for gateways deciding whether to take new streams."""
+        report = LoadReport(len(self.sessions), self.max_sessions, self.behind, time.time())
+        self.redis.hset(keys.LM_WORKERS, self.worker_id, report.to_text())
+
+    def withdraw_report(self) -> None:
+        self.redis.hdel(keys.LM_WORKERS, self.worker_id)
 
     # --- leases ---------------------------------------------------------------------------------
 

@@ -49,27 +49,28 @@ class PublicationReader:
     def ensure_group(self, session: _Session) -> None:
         self.streams.ensure_group(session.stream, self.group, start="0")
 
-    def read(self, sessions: Iterable[_Session], block_ms: int | None) -> list[Entry]:
-        """The next publication of each given session: its own pending entry first, else a new one,
-        so that one stuck session does not hold up the others. Blocks at most ``block_ms`` (None =
-        not at all)."""
+    def read(self, sessions: Iterable[_Session], block_ms: int | None, count: int = 1) -> list[Entry]:
+        """The next publications (up to ``count``) of each given session: its own pending entries
+        first, else new ones, so that one stuck session does not hold up the others. Blocks at
+        most ``block_ms`` (None = not at all)."""
         by_stream = {s.stream: s for s in sessions}
         if not by_stream:
             return []
         entries = self.streams.read_group(
-            self.group, self.worker_id, {s: "0" for s in by_stream}, count=1, block_ms=None
+            self.group, self.worker_id, {s: "0" for s in by_stream}, count=count, block_ms=None
         )
         busy = {e.stream for e in entries}
         fresh = {s: ">" for s in by_stream if s not in busy}
         if fresh:
             entries += self.streams.read_group(
-                self.group, self.worker_id, fresh, count=1, block_ms=None if entries else block_ms
+                self.group, self.worker_id, fresh, count=count, block_ms=None if entries else block_ms
             )
         return entries
 
-    def admit(self, session: _Session, entry: Entry) -> TokenMessage | None:
-        """The entry's publication if it is the session's next one; None when it is a duplicate
-        (acked here) or must wait for a missing earlier one (claimed here). Raises :class:`Unfit`."""
+    def admit(self, session: _Session, entry: Entry, last: int | None = None) -> TokenMessage | None:
+        """The entry's publication if it follows seq ``last`` (default: the session's last applied
+        one); None when it is a duplicate (acked here) or must wait for a missing earlier one
+        (claimed here; ``session.gap_since`` is set). Raises :class:`Unfit`."""
         if PAYLOAD_FIELD not in entry.fields:
             raise Unfit(f"stream entry has no {PAYLOAD_FIELD!r} field (fields: {sorted(entry.fields)})")
         try:
@@ -78,7 +79,7 @@ class PublicationReader:
             raise Unfit(str(e)) from e
         if sid != session.sid:
             raise Unfit(f"publication for session {sid!r} found in the stream of {session.sid!r}")
-        last = session.schedule.last_seq
+        last = session.schedule.last_seq if last is None else last
         if msg.seq <= last:
             self.streams.ack(entry.stream, self.group, entry.id)  # already applied (redelivery)
             metrics.LM_DUPLICATES.inc()

@@ -120,25 +120,30 @@ class CaptionSchedule:
     def last_seq(self) -> int:
         return self.state.last_seq
 
-    def plan(self, msg: TokenMessage) -> tuple[list[PlannedCaption], ScheduleState]:
-        """Captions due after ``msg`` (already ingested) and the state once they are shown. Pure:
-        the worker commits the state only once the events are durable."""
+    def plan(
+        self, msg: TokenMessage, state: ScheduleState | None = None, interim: bool = True
+    ) -> tuple[list[PlannedCaption], ScheduleState]:
+        """Captions due after ``msg`` (already ingested) from ``state`` (default: the committed
+        one), and the state once they are shown. Pure: the worker commits the state only once
+        the events are durable. ``interim=False`` plans finals only (a newer publication of the
+        same session is being captioned: its interim supersedes this one's)."""
         w = self.settings.window_tokens
-        st = self.state
+        st = state or self.state
+        n_final = msg.token_start + msg.num_final
+        n_total = msg.token_start + int(msg.tokens.shape[0])
         final, revision, ended = st.segments_final, st.open_revision, st.ended
         out: list[PlannedCaption] = []
-        while (final + 1) * w <= self._n_final:
+        while (final + 1) * w <= n_final:
             out.append(PlannedCaption(final, revision, final * w, (final + 1) * w, True))
             final, revision = final + 1, 0
         if msg.end_of_stream:
-            if self._n_final > final * w:
-                out.append(PlannedCaption(final, revision, final * w, self._n_final, True))
+            if n_final > final * w:
+                out.append(PlannedCaption(final, revision, final * w, n_final, True))
                 final, revision = final + 1, 0
             ended = True
-        elif self.settings.interim_results and self._n_total > final * w:
-            end = self._n_total
-            start = final * w if self.settings.interim_window == SEGMENT else max(0, end - w)
-            out.append(PlannedCaption(final, revision, start, end, False))
+        elif interim and self.settings.interim_results and n_total > final * w:
+            start = final * w if self.settings.interim_window == SEGMENT else max(0, n_total - w)
+            out.append(PlannedCaption(final, revision, start, n_total, False))
             revision += 1
         return out, ScheduleState(final, revision, msg.seq, ended)
 

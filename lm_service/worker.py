@@ -57,22 +57,42 @@ class WorkerLimits:
     silent_session_s: Annotated[float, "s without an audio-token publication before a session is ended"] = (
         600.0
     )
+    coalesce: Annotated[int, "publications of a session read at once; only the newest gets an interim"] = 16
+    max_lag_seconds: Annotated[
+        float,
+        "s a publication may wait before this worker counts as behind (adopts nothing, gateways refuse new streams)",
+    ] = 5.0
 
     def __post_init__(self) -> None:
-        if self.max_sessions < 1 or self.silent_session_s <= 0:
-            raise ConfigError("WorkerLimits.max_sessions must be >= 1 and silent_session_s > 0.")
+        if (
+            self.max_sessions < 1
+            or self.silent_session_s <= 0
+            or self.coalesce < 1
+            or self.max_lag_seconds <= 0
+        ):
+            raise ConfigError("WorkerLimits: max_sessions and coalesce must be >= 1, silent_session_s > 0.")
+
+
+@dataclass
+class _Publication:
+    entry: Entry
+    msg: TokenMessage
+    plans: list[PlannedCaption]
+    state: ScheduleState  # the session's state once its captions are durable
+    requests: int = 0  # how many of the work's futures are its captions
 
 
 @dataclass
 class _Work:
-    """One publication of a session on its way through the engine."""
+    """A session's publications on their way through the engine (in seq order)."""
 
     session: OwnedSession
-    entry: Entry
-    msg: TokenMessage
-    plans: list[PlannedCaption]
-    state: ScheduleState  # the session's state once these captions are durable
+    publications: list[_Publication]
     futures: list[Future[CaptionResult]]
+
+    @property
+    def first(self) -> _Publication:
+        return self.publications[0]
 
 
 class LMWorker:
@@ -102,6 +122,7 @@ class LMWorker:
             self.limits.max_sessions,
             self.limits.silent_session_s,
             on_release=self._release,
+            max_lag_s=self.limits.max_lag_seconds,
         )
         self.in_flight: dict[str, _Work] = {}
 
@@ -123,12 +144,16 @@ class LMWorker:
             time.sleep(block / 1000)
             return done
         idle = [s for s in self.sessions.values() if s.sid not in self.in_flight]
-        entries = self.reader.read(idle, None if self.in_flight or done else block) if idle else []
+        busy = None if self.in_flight or done else block
+        entries = self.reader.read(idle, busy, count=self.limits.coalesce) if idle else []
         by_stream = {s.stream: s for s in idle}
-        for entry in entries:
-            session = by_stream.get(entry.stream)
+        grouped: dict[str, list[Entry]] = {}
+        for entry in entries:  # read in id order per stream
+            grouped.setdefault(entry.stream, []).append(entry)
+        for stream, group in grouped.items():
+            session = by_stream.get(stream)
             if session is not None:
-                self._start(session, entry)
+                self._start(session, group)
         if not entries and self.in_flight:
             futures = [f for w in self.in_flight.values() for f in w.futures]
             wait(futures, timeout=min(block / 1000, FUTURE_WAIT_S), return_when=FIRST_COMPLETED)
@@ -153,28 +178,56 @@ class LMWorker:
                 for f in work.futures:
                     f.cancel()
             self.ownership.heartbeat.stop(timeout=2.0)
+            self.ownership.withdraw_report()
 
     # --- one publication --------------------------------------------------------------------------
 
-    def _start(self, session: OwnedSession, entry: Entry) -> None:
-        """Admit a publication, plan its captions and submit them (or apply at once when none is due)."""
-        try:
-            msg = self.reader.admit(session, entry)
-        except Unfit as e:
-            self._poison(session, entry, str(e), msg=e.msg)
-            return
-        if msg is None:
-            return
+    def _start(self, session: OwnedSession, entries: list[Entry]) -> None:
+        """Admit a session's next publications, plan their captions and submit them (or apply at
+        once when none is due). When the LM is behind, several publications of a session arrive
+        together: each gets its final captions, only the newest an interim (coalescing)."""
         sched = session.schedule
-        try:
-            sched.ingest(msg)
-            plans, state = sched.plan(msg)
-            requests = [self._request(session, p) for p in plans]  # every planned window must be retained
-        except Exception as e:  # a publication that does not fit this session: skip it, say so
-            self._poison(session, entry, f"publication {msg.seq} does not fit the session: {e}", msg=msg)
+        admitted: list[tuple[Entry, TokenMessage]] = []
+        last = sched.last_seq
+        for entry in entries:
+            try:
+                msg = self.reader.admit(session, entry, last)
+            except Unfit as e:
+                self._poison(session, entry, str(e), msg=e.msg)
+                continue
+            if msg is None:
+                if session.gap_since is not None:
+                    break  # an earlier publication is missing: wait for it
+                continue  # a duplicate (acked)
+            try:
+                sched.ingest(msg)
+            except Exception as e:  # a publication that does not fit this session: skip it, say so
+                self._poison(session, entry, f"publication {msg.seq} does not fit the session: {e}", msg=msg)
+                continue
+            admitted.append((entry, msg))
+            last = msg.seq
+            age = max(0.0, time.time() - entry_time(entry.id))
+            metrics.QUEUE_LAG.observe(age)
+            self.ownership.observe_lag(age)
+        if not admitted:
             return
-        metrics.QUEUE_LAG.observe(max(0.0, time.time() - entry_time(entry.id)))
-        work = _Work(session, entry, msg, plans, state, [])
+        work = _Work(session, [], [])
+        requests: list[CaptionRequest] = []
+        state = sched.state
+        for i, (entry, msg) in enumerate(admitted):
+            try:
+                plans, next_state = sched.plan(msg, state, interim=i == len(admitted) - 1)
+                mine = [self._request(session, p) for p in plans]  # every planned window must be retained
+            except Exception as e:
+                self._poison(session, entry, f"publication {msg.seq} does not fit the session: {e}", msg=msg)
+                continue
+            state = next_state
+            requests += mine
+            work.publications.append(_Publication(entry, msg, plans, next_state, len(mine)))
+        if not work.publications:
+            return
+        if len(admitted) > 1:
+            metrics.COALESCED.inc(len(admitted) - 1)
         if not requests:
             self._apply(work, [])
             return
@@ -212,7 +265,7 @@ class LMWorker:
             except Exception as e:  # left pending and retried; dead-lettered after max_deliveries
                 self._failed(work, e)
                 continue
-            work.session.failures.pop(work.entry.id, None)
+            work.session.failures.pop(work.first.entry.id, None)
             self._apply(work, results)
             applied += 1
         return applied
@@ -225,7 +278,17 @@ class LMWorker:
                 f.cancel()
 
     def _apply(self, work: _Work, results: list[CaptionResult]) -> None:
-        session, msg = work.session, work.msg
+        """Write each publication's events with its ``last_seq`` and ack, in seq order."""
+        session = work.session
+        k = 0
+        for pub in work.publications:
+            mine = results[k : k + pub.requests]
+            k += pub.requests
+            if not self._apply_one(session, pub, mine):
+                return
+
+    def _apply_one(self, session: OwnedSession, pub: _Publication, results: list[CaptionResult]) -> bool:
+        msg = pub.msg
         captions_key = keys.session_captions(session.sid)
         maxlen = self.defaults.captions_maxlen
         adapter = session.schedule.settings.adapter
@@ -244,7 +307,7 @@ class LMWorker:
                 ).to_fields(),
                 maxlen,
             )
-            for plan, result in zip(work.plans, results, strict=True)
+            for plan, result in zip(pub.plans, results, strict=True)
         ]
         if msg.end_of_stream:
             outputs.append(
@@ -257,11 +320,11 @@ class LMWorker:
                 owner=self.worker_id,
                 state_key=keys.session_state(session.sid),
                 seq=msg.seq,
-                ack_stream=work.entry.stream,
+                ack_stream=pub.entry.stream,
                 group=GROUP,
-                entry_id=work.entry.id,
+                entry_id=pub.entry.id,
                 outputs=outputs,
-                state_updates=work.state.counters(),
+                state_updates=pub.state.counters(),
                 ttl_s=self.defaults.session_ttl_s,
             )
         )
@@ -271,23 +334,27 @@ class LMWorker:
         )  # live sessions keep it
         if status is not ApplyStatus.APPLIED:  # lease lost, or another owner applied it first
             self.ownership.on_lost(keys.session_lease(session.sid))
-            return
-        session.schedule.state = work.state
-        metrics.CAPTION_EVENTS.inc(len(work.plans))
+            return False
+        session.schedule.state = pub.state
+        metrics.CAPTION_EVENTS.inc(len(pub.plans))
         if msg.end_of_stream:
             self.ownership.finish(session)
+            return False
+        return True
 
     def _failed(self, work: _Work, exc: Exception) -> None:
-        session, entry = work.session, work.entry
+        """Captioning failed: the publications stay pending and are read again; the first one is
+        dead-lettered after ``max_deliveries`` failures."""
+        session, pub = work.session, work.first
         log.error(
-            "captioning publication %s of session %s failed: %s", entry.id, session.sid, exc, exc_info=exc
+            "captioning publication %s of session %s failed: %s", pub.entry.id, session.sid, exc, exc_info=exc
         )
-        n = session.failures.get(entry.id, 0) + 1
-        session.failures[entry.id] = n
+        n = session.failures.get(pub.entry.id, 0) + 1
+        session.failures[pub.entry.id] = n
         if n >= self.defaults.max_deliveries:
-            session.failures.pop(entry.id, None)
+            session.failures.pop(pub.entry.id, None)
             reason = f"captioning failed {n} times: {type(exc).__name__}: {exc}"
-            self._poison(session, entry, reason, n, msg=work.msg)
+            self._poison(session, pub.entry, reason, n, msg=pub.msg)
 
     def _poison(
         self,

@@ -32,7 +32,12 @@ class NotFound(MidashengError, LookupError):
 
 
 class ResourceExhausted(MidashengError):
-    """A bounded queue or buffer is full (maps to RESOURCE_EXHAUSTED)."""
+    """A bounded queue or buffer is full (maps to RESOURCE_EXHAUSTED). ``retry_after`` (seconds)
+    is sent to gRPC clients as the ``retry-after-ms`` trailer and to HTTP clients as ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unauthenticated(MidashengError):

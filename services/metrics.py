@@ -11,6 +11,7 @@ CHUNK_SECONDS = Histogram(
 )
 REJECTED_CHUNKS = Counter("midasheng_rejected_chunks_total", "Audio chunks rejected as invalid", ["reason"])
 DROPPED_CHUNKS = Counter("midasheng_dropped_chunks_total", "Audio dropped by a bounded buffer", ["where"])
+REJECTED_SESSIONS = Counter("midasheng_rejected_sessions_total", "New streams refused", ["reason"])
 
 # Encoder
 ENCODER_SESSIONS = Gauge("midasheng_encoder_sessions", "Streaming encoder sessions held")
@@ -40,6 +41,10 @@ LM_DUPLICATES = Counter(
 )
 DEAD_LETTERS = Counter("midasheng_dead_letters_total", "Messages moved to the dead-letter stream")
 GENERATED_TOKENS = Counter("midasheng_generated_tokens_total", "Caption tokens generated")
+COALESCED = Counter(
+    "midasheng_coalesced_publications_total",
+    "Publications whose interim was skipped for a newer one (LM behind)",
+)
 PENDING = Gauge("midasheng_pending_entries", "Entries delivered but not yet acknowledged", ["stream"])
 
 # Caption engine (batched)

@@ -35,6 +35,7 @@ STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.MidashengError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+RETRY_AFTER_MS = "retry-after-ms"  # trailer of a RESOURCE_EXHAUSTED answer: when to try again
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -52,6 +53,9 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
         log.warning("%s: a call to another service failed: %s: %s", method, code.name, exc.details())
         context.abort(code, exc.details() or code.name)
     code = status_for(exc)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_MS, str(int(retry_after * 1000))),))
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in %s", method)
         context.abort(code, f"internal error ({type(exc).__name__}); see the server log")

@@ -205,7 +205,11 @@ class HttpApp:
         except NotFound as e:
             return _error(404, str(e))
         except (ResourceExhausted, Unavailable) as e:
-            return _error(503, str(e))
+            resp = _error(503, str(e))
+            retry_after = getattr(e, "retry_after", None)
+            if retry_after is not None:
+                resp.headers["Retry-After"] = str(max(1, round(retry_after)))
+            return resp
         except FailedPrecondition as e:
             return _error(409, str(e))
         except web.HTTPException as e:

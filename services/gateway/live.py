@@ -27,6 +27,7 @@ from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
 from services.wire.events import CaptionStream, EndReason, Event
+from services.wire.load import LoadReport
 from services.wire.settings import StreamSettings, settings_from_hash, settings_to_hash
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class GatewayLimits:
     min_sample_rate_hz: Annotated[int, "lowest client sample rate, Hz"] = MIN_RATE
     max_sample_rate_hz: Annotated[int, "highest client sample rate, Hz"] = MAX_RATE
     max_channels: Annotated[int, "audio channels a client may send"] = MAX_CHANNELS
+    lm_admission: Annotated[bool, "refuse new streams while every LM worker is full or behind"] = True
+    retry_after_seconds: Annotated[float, "s a refused client is told to wait before trying again"] = 5.0
 
 
 def check_limits(settings: StreamSettings, limits: GatewayLimits) -> None:
@@ -220,8 +223,12 @@ class LiveGateway:
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
                 raise ResourceExhausted(
-                    f"this gateway serves its maximum of {self.limits.max_sessions} sessions"
+                    f"this gateway serves its maximum of {self.limits.max_sessions} sessions; "
+                    f"retry in {self.limits.retry_after_seconds:.0f} s",
+                    retry_after=self.limits.retry_after_seconds,
                 )
+        if self.limits.lm_admission:
+            self._check_lm_capacity()
         cfg = settings_to_hash(settings) | {CREATED_FIELD: f"{time.time():.3f}"}
         if not self.redis.hsetnx(
             keys.session_config(sid), CREATED_FIELD, cfg[CREATED_FIELD]
@@ -252,6 +259,30 @@ class LiveGateway:
             settings.session.hop_seconds,
         )
         return session
+
+    def _check_lm_capacity(self) -> None:
+        """Refuse a new stream while the LM workers that report cannot take one more: every one is
+        full or behind, counting the active sessions none of them has taken yet. With no fresh
+        report (no LM running yet) streams are admitted and wait for a worker."""
+        now = time.time()
+        stale = 3 * self.defaults.heartbeat_ms / 1000
+        raw = self.redis.hgetall(keys.LM_WORKERS)
+        reports = [LoadReport.from_text(v.decode()) for v in raw.values()]
+        fresh = [r for r in reports if now - r.at <= stale]
+        if not fresh:
+            return
+        held = sum(r.sessions for r in fresh)
+        unadopted = max(0, int(self.redis.zcard(keys.ACTIVE_SESSIONS)) - held)
+        if sum(r.free for r in fresh) - unadopted > 0:
+            return
+        behind = sum(r.behind for r in fresh)
+        wait = self.limits.retry_after_seconds
+        metrics.REJECTED_SESSIONS.labels(reason="lm_capacity").inc()
+        raise ResourceExhausted(
+            f"the caption workers cannot take another stream ({held} streams on {len(fresh)} workers, "
+            f"{behind} of them behind); retry in {wait:.0f} s",
+            retry_after=wait,
+        )
 
     def resume(self, sid: str) -> LiveSession:
         """Reattach to a session after a dropped connection (this gateway or another).

@@ -15,6 +15,8 @@ PREFIX = "mdl"
 
 ACTIVE_SESSIONS = f"{PREFIX}:sessions:active"
 """Sorted set: session id -> last activity, unix milliseconds."""
+LM_WORKERS = f"{PREFIX}:lm:workers"
+"""Hash: LM worker id -> its load report (see ``lm_service.ownership.LoadReport``); gateways read it to admit sessions."""
 DEAD_LETTERS = f"{PREFIX}:deadletter"
 """Stream of entries that could not be processed, with the reason (capped)."""
 COUNTERS = f"{PREFIX}:counters"

@@ -11,6 +11,7 @@ import pytest
 from encoder_service.server import EncoderServer, start_encoder_server
 from lm_service.engines.base import CaptionEngine
 from lm_service.server import LMServer, start_lm_server
+from lm_service.worker import WorkerLimits
 from services.gateway.live import GatewayLimits
 from services.gateway.server import GatewayServer, start_gateway
 from services.model.modeling import MiDashengLM
@@ -55,11 +56,14 @@ def make_stack(
         defaults: TransportDefaults | None = None,
         lm_workers: int = 1,
         lm_target: str | None = None,
+        lm_limits: WorkerLimits | None = None,
     ) -> LiveStack:
         enc = start_encoder_server(encoder_model, redis_url, defaults=defaults)
         lm = None
         if lm_workers >= 0 and lm_target is None:
-            lm = start_lm_server(engine, redis_url, workers=lm_workers, defaults=defaults, worker_prefix="lm")
+            lm = start_lm_server(
+                engine, redis_url, workers=lm_workers, defaults=defaults, worker_prefix="lm", limits=lm_limits
+            )
             lm_target = f"127.0.0.1:{lm.port}"
         gw = start_gateway(redis_url, f"127.0.0.1:{enc.port}", lm_target, limits=limits, token=token)
         channel = grpc.insecure_channel(f"127.0.0.1:{gw.port}")

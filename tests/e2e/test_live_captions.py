@@ -65,24 +65,22 @@ def test_stream_tone_then_noise_events_are_ordered_and_captions_name_the_sounds(
     assert started.limits.max_chunk_bytes > 0
 
     caps = res.captions
-    # Interim events come first; every segment's interims precede its final.
-    assert not caps[0].is_final, res.table()
+    # Every segment's interims precede its final. The audio arrives faster than real time, so the
+    # LM worker falls behind and captions only each read's newest window (coalescing): how many
+    # interims a segment gets depends on timing, and there may be none.
     for seg in {c.segment_id for c in caps}:
         mine = [c for c in caps if c.segment_id == seg]
         assert mine[-1].is_final and not any(c.is_final for c in mine[:-1]), res.table()
-        assert [c.revision for c in mine] == sorted({c.revision for c in mine}), (
-            res.table()
-        )  # strictly increasing
-        assert mine[0].revision == 0
+        assert [c.revision for c in mine] == list(range(len(mine))), res.table()  # 0, 1, 2, ...
     # Segment ids never go back; event ids strictly increase.
     segs = [c.segment_id for c in caps]
     assert segs == sorted(segs), res.table()
     keys = [event_key(c.event_id) for c in caps]
     assert all(a < b for a, b in zip(keys, keys[1:], strict=False)), res.table()
-    # Interim windows: at most one window long, inside the stream.
+    # Windows inside the stream; interims start where their segment does (SEGMENT, the default).
     for c in caps:
         assert 0.0 <= c.window_start_seconds < c.window_end_seconds <= 20.0 + 1e-6, res.table()
-        assert c.window_end_seconds - c.window_start_seconds <= 10.0 + 1e-6
+        assert c.window_start_seconds == pytest.approx(10.0 * c.segment_id), res.table()
     # Finals: one per segment, [0, 10] then [10, 20]: contiguous and covering the stream.
     finals = res.finals
     assert [c.segment_id for c in finals] == [0, 1], res.table()

@@ -38,9 +38,10 @@ def audio() -> np.ndarray:
     return clip([("high_tone", 10.0), ("white_noise", 10.0)], seed=1)
 
 
-def first_connection(stack: LiveStack, chunks: list[bytes], min_captions: int = 3) -> tuple[str, list[str]]:
+def first_connection(stack: LiveStack, chunks: list[bytes], min_captions: int = 2) -> tuple[str, list[str]]:
     """Send 12 s, read until ``min_captions`` caption events arrived, then cancel the call.
-    Returns (session id, caption event ids seen)."""
+    Returns (session id, caption event ids seen). Two always come (segment 0's final and an
+    interim of segment 1); more depend on how far the LM worker is behind (it coalesces interims)."""
     feeder = Feeder()
     feeder.put(config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:FIRST_PART_CHUNKS])])
     call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
@@ -137,10 +138,12 @@ def test_resending_already_received_chunks_after_resume_is_harmless(
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=STREAM_TIMEOUT_S))
     assert res.error is None, f"{res.error}\n{res.table()}"
     assert res.ended.total_audio_seconds == pytest.approx(20.0, abs=0.05), res.table()
-    assert [(c.segment_id, c.window_start_seconds, c.window_end_seconds) for c in res.finals] == [
-        (0, 0.0, 10.0),
-        (1, 10.0, 20.0),
+    finals = [f for _, f in caption_stream(stack.redis_url, sid) if f.get("is_final") == "1"]
+    assert [(f["segment_id"], float(f["window_start"]), float(f["window_end"])) for f in finals] == [
+        ("0", 0.0, 10.0),
+        ("1", 10.0, 20.0),
     ], res.table()
+    assert res.finals and res.finals[-1].segment_id == 1, res.table()  # what came after the cursor
 
 
 def test_resume_with_session_id_only_replays_everything(stack: LiveStack, audio: np.ndarray) -> None:
@@ -214,8 +217,7 @@ def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(
     for resp in call:
         if resp.WhichOneof("response") == "caption":
             seen.append(resp.caption.event_id)
-            if len(seen) >= 2:
-                break
+            break  # the first caption (segment 1's final has not been made yet: it needs the end)
     client = redis.Redis.from_url(stack.redis_url)
     try:  # the gateway took the FINALIZE (the encoder has the end) before the client vanishes
         deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ import torch
 
 from lm_service.engines.base import CaptionEngine, CaptionRequest, CaptionResult
 from lm_service.schedule import CaptionSchedule
-from lm_service.worker import GROUP, LMWorker
+from lm_service.worker import GROUP, LMWorker, WorkerLimits
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
@@ -25,6 +25,9 @@ SID = "redelivery-1"
 SETTINGS = SessionSettings(window_seconds=10.0, hop_seconds=2.0, interim_results=True, max_new_tokens=6)
 DEFAULTS = TransportDefaults(lease_ttl_ms=60_000, heartbeat_ms=1_000, claim_min_idle_ms=100, block_ms=20)
 STEP_TIMEOUT_S = 60.0
+# One publication per read: every publication gets its own interim, so the expected events are
+# exactly the schedule's (coalescing is tested in test_coalescing.py).
+ONE_AT_A_TIME = WorkerLimits(coalesce=1)
 PER_PUB = 10  # tokens per publication: 2 s at 5 Hz
 
 
@@ -132,7 +135,7 @@ def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
     msgs = messages(10, engine.hidden_size)
     pub = Publisher(client)
     pub(msgs[0], msgs[1], msgs[1], msgs[2])  # seq 2 published twice (an encoder retry)
-    w1 = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS)
+    w1 = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     run_until(w1, drained(client), "w1 to apply seq 1-3")
     assert client.hget(keys.session_state(SID), "last_seq") == b"3"
 
@@ -142,7 +145,7 @@ def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
     assert client.xpending(keys.session_tokens(SID), GROUP)["pending"] == 1
     client.delete(keys.session_lease(SID))  # its lease runs out
 
-    w2 = LMWorker(client, engine, worker_id="w2", defaults=DEFAULTS)
+    w2 = LMWorker(client, engine, worker_id="w2", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     pub(msgs[4], msgs[5], msgs[6], msgs[6], msgs[7], msgs[8], msgs[8], msgs[9])
     run_until(w2, ended(client), "w2 to end the session")
     assert client.xpending(keys.session_tokens(SID), GROUP)["pending"] == 0
@@ -163,7 +166,7 @@ def test_redelivery_of_an_entry_read_by_the_same_worker_is_applied_once(
     register(client)
     msgs = messages(5, engine.hidden_size, seed=1)
     pub = Publisher(client)
-    w = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS)
+    w = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     w.adopt_free_sessions()
     pub(*msgs[:3])
     w.streams.read_group(
@@ -180,11 +183,11 @@ def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(
     register(client)
     msgs = messages(5, engine.hidden_size, seed=2)
     pub = Publisher(client)
-    w1 = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS)
+    w1 = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     pub(msgs[0])
     run_until(w1, drained(client), "w1 to apply seq 1")
     client.delete(keys.session_lease(SID))  # w1 stalls past its lease...
-    w2 = LMWorker(client, engine, worker_id="w2", defaults=DEFAULTS)
+    w2 = LMWorker(client, engine, worker_id="w2", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     w2.adopt_free_sessions()  # ...and w2 takes the session over
     assert w2.sessions and SID in w2.sessions
     pub(msgs[1])
@@ -214,7 +217,7 @@ def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
         msgs[4],
         msgs[5],
     )
-    w = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS)
+    w = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     run_until(w, ended(client), "the end of the session")
 
     dead = [(i.decode(), {k.decode(): v for k, v in f.items()}) for i, f in client.xrange(keys.DEAD_LETTERS)]
@@ -268,7 +271,7 @@ def test_an_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(
     publish(*msgs)
     # seq 2's interim window holds 20 tokens (4 s); nothing else has exactly 20 tokens.
     flaky = FlakyEngine(engine, bad_start_token=20)
-    w = LMWorker(client, flaky, worker_id="w1", defaults=DEFAULTS)  # type: ignore[arg-type]
+    w = LMWorker(client, flaky, worker_id="w1", defaults=DEFAULTS, limits=ONE_AT_A_TIME)  # type: ignore[arg-type]
     run_until(w, ended(client), "the end of the session")
     dead = client.xrange(keys.DEAD_LETTERS)
     assert len(dead) == 1
