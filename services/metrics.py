@@ -49,6 +49,9 @@ PENDING = Gauge("midasheng_pending_entries", "Entries delivered but not yet ackn
 
 # Caption engine (batched)
 ENGINE_RUNNING = Gauge("midasheng_engine_running", "Sequences the caption engine is decoding")
+ENGINE_STEP_SECONDS = Histogram(
+    "midasheng_engine_step_seconds", "Time of one engine step (schedule, forward, sample)"
+)
 ENGINE_WAITING = Gauge("midasheng_engine_waiting", "Requests waiting for KV memory")
 ENGINE_KV_USED = Gauge(
     "midasheng_engine_kv_used_ratio", "Fraction of the KV pool in use (sequences and kept prefixes)"

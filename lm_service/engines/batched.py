@@ -277,9 +277,11 @@ class BatchedEngine:
         plan = self._schedule()
         if not plan:
             return 0
+        t0 = time.perf_counter()
         inputs, rows = self._inputs(plan)
         logits = self.decoder.forward(self.pool, inputs)
         self._advance(plan, rows, logits)
+        metrics.ENGINE_STEP_SECONDS.observe(time.perf_counter() - t0)
         self._report()
         return len(plan)
 

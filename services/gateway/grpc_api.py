@@ -45,7 +45,7 @@ from services.wire.settings import settings_from_pb, settings_to_pb
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = captions_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name
-POLL_MS = 50  # caption relay poll while the client is sending
+WAKE_S = 0.5  # a call with nothing to do checks its timers this often
 END_TIMEOUT_S = 120.0  # after the audio ended, the longest wait for the LM's end marker
 REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
 # grpc reports a cancelled stream to the request iterator as an ordinary end of messages when the
@@ -196,10 +196,11 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         self._check_auth(context)
         inbox: queue.Queue[object] = queue.Queue(maxsize=REQUEST_QUEUE)
         terminated = threading.Event()
+        wake = threading.Event()  # set by the client's messages and by new caption events
         if not context.add_callback(terminated.set):
             return  # the call already ended
         reader = threading.Thread(
-            target=_pump, args=(request_iterator, inbox, terminated), name="stream-reader", daemon=True
+            target=_pump, args=(request_iterator, inbox, terminated, wake), name="stream-reader", daemon=True
         )
         reader.start()
         limits = self.gateway.limits
@@ -233,7 +234,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                 last_seq=session.audio_seq,
             )
         )
-        yield from self._relay(session, inbox, cursor, context, generation)
+        yield from self._relay(session, inbox, cursor, context, generation, wake)
 
     def _relay(
         self,
@@ -242,10 +243,12 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         cursor: str,
         context: grpc.ServicerContext,
         generation: int,
+        wake: threading.Event,
     ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
         """Until the session's end event (or the client goes away): take the client's messages,
-        watch the idle timer, relay caption events."""
+        watch the idle timer, relay caption events. Sleeps until a message or an event arrives."""
         relay = _Relay(cursor)
+        events = session.subscribe(cursor, wake)
         try:
             while True:
                 if not self._drain_inbox(session, inbox, relay, generation):
@@ -253,7 +256,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                 idle = self._check_idle(session)
                 if idle is not None:
                     yield idle.to_pb()
-                for ev in session.events(relay.cursor, POLL_MS):
+                for ev in events.wait(WAKE_S):
                     yield relay.response(ev, session.end_reason)
                     if relay.finished:
                         return
@@ -264,6 +267,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                 if not context.is_active():
                     return
         finally:
+            self.gateway.hub.unsubscribe(events)
             if relay.finished or session.ended and relay.client_done:
                 if generation == session.generation:
                     self.gateway.forget(session)
@@ -370,7 +374,9 @@ def _forward(method: Callable[..., T], request: object, context: grpc.ServicerCo
     return method(request, timeout=max(1.0, context.time_remaining() or 120.0))
 
 
-def _pump(requests: Iterator[object], inbox: queue.Queue[object], terminated: threading.Event) -> None:
+def _pump(
+    requests: Iterator[object], inbox: queue.Queue[object], terminated: threading.Event, wake: threading.Event
+) -> None:
     """Reads the client's messages into the bounded inbox (blocks when it is full: back-pressure).
 
     ``terminated`` is set when the call ends; an end of messages that turns out to be a
@@ -378,19 +384,22 @@ def _pump(requests: Iterator[object], inbox: queue.Queue[object], terminated: th
     try:
         for req in requests:
             inbox.put(req, timeout=300)
+            wake.set()
         if terminated.wait(HALF_CLOSE_GRACE_S):
-            _last(inbox, _DROPPED)
+            _last(inbox, wake, _DROPPED)
             return
         inbox.put(_END, timeout=300)
+        wake.set()
     except grpc.RpcError:
-        _last(inbox, _DROPPED)  # the client vanished: the session waits for a resume
+        _last(inbox, wake, _DROPPED)  # the client vanished: the session waits for a resume
     except queue.Full:
-        _last(inbox, MidashengError("the stream's message queue stayed full for 300 s"))
+        _last(inbox, wake, MidashengError("the stream's message queue stayed full for 300 s"))
     except Exception as e:  # malformed frames and the like end the call with that error
-        _last(inbox, e)
+        _last(inbox, wake, e)
 
 
-def _last(inbox: queue.Queue[object], item: object) -> None:
+def _last(inbox: queue.Queue[object], wake: threading.Event, item: object) -> None:
     """The reader's final word; dropped when nobody takes messages any more (the call is gone)."""
     with contextlib.suppress(queue.Full):
         inbox.put(item, timeout=5)
+    wake.set()

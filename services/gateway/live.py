@@ -23,10 +23,11 @@ from services import metrics
 from services.audio.pcm import MAX_CHANNELS, MAX_RATE, MIN_RATE, PcmConverter
 from services.constants import SAMPLE_RATE
 from services.errors import FailedPrecondition, InvalidArgument, MidashengError, NotFound, ResourceExhausted
+from services.gateway.hub import EventHub, Subscription
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
-from services.wire.events import CaptionStream, EndReason, Event
+from services.wire.events import CaptionStream, EndReason
 from services.wire.load import LoadReport
 from services.wire.settings import StreamSettings, settings_from_hash, settings_to_hash
 
@@ -188,8 +189,9 @@ class LiveSession:
             self.gateway.encoder.close(self.sid, flush=False)
             self.gateway.mark_ended(self.sid, self.audio_seq)
 
-    def events(self, after: str, block_ms: int) -> list[Event]:
-        return self.gateway.read_events(self.sid, after, block_ms)
+    def subscribe(self, cursor: str = "0-0", wake: threading.Event | None = None) -> Subscription:
+        """This session's caption events after ``cursor``, as they come (unsubscribe when done)."""
+        return self.gateway.hub.subscribe(self.sid, cursor, wake)
 
 
 class LiveGateway:
@@ -207,6 +209,7 @@ class LiveGateway:
         self.limits = limits or GatewayLimits()
         self.defaults = defaults or TransportDefaults()
         self.captions = CaptionStream(StreamClient(client), self.defaults.captions_maxlen)
+        self.hub = EventHub(client)
         self._sessions: dict[str, LiveSession] = {}
         self._detached: dict[str, float] = {}  # sid -> monotonic time it lost its client
         self._lock = threading.Lock()
@@ -394,5 +397,5 @@ class LiveGateway:
                 self.forget(session)
         return expired
 
-    def read_events(self, sid: str, after: str, block_ms: int) -> list[Event]:
-        return self.captions.read(sid, after, block_ms)
+    def close(self) -> None:
+        self.hub.close()

@@ -41,6 +41,7 @@ class GatewayServer:
         self.server.stop(grace).wait(grace + 1)
         self.encoder.shutdown()
         self.servicer.close()
+        self.gateway.close()
         self.gateway.redis.close()
 
 

@@ -274,18 +274,20 @@ class Peer:
         """Caption events from Redis to the data channel, until the session's end event."""
         assert self.session is not None
         session, loop = self.session, asyncio.get_running_loop()
-        cursor = "0-0"
-        block = self.ingest.limits.events_block_ms
-        while not self.closed:
-            events = await loop.run_in_executor(self.ingest.pool, session.events, cursor, block)
-            self.flush_pending()
-            for ev in events:
-                cursor = ev.event_id
-                self.deliver(ev.to_json())
-                if isinstance(ev, EndEvent):
-                    self.end_reason = self.end_reason or ev.reason.value
-                    self.spawn(self._close_later(self.end_reason), "close")
-                    return
+        block = self.ingest.limits.events_block_ms / 1000
+        events = session.subscribe()
+        try:
+            while not self.closed:
+                batch = await loop.run_in_executor(self.ingest.pool, events.wait, block)
+                self.flush_pending()
+                for ev in batch:
+                    self.deliver(ev.to_json())
+                    if isinstance(ev, EndEvent):
+                        self.end_reason = self.end_reason or ev.reason.value
+                        self.spawn(self._close_later(self.end_reason), "close")
+                        return
+        finally:
+            session.gateway.hub.unsubscribe(events)
 
     async def _close_later(self, reason: str, grace: float = 2.0) -> None:
         """After the end event: give the client time to read it and close first."""

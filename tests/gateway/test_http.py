@@ -458,3 +458,4 @@ def test_at_capacity_offers_get_503_and_capacity_returns(redis_url: str, models:
             asyncio.run(scenario())
         finally:
             web.stop()
+            small.close()

@@ -22,8 +22,10 @@ def _drain(inbox: queue.Queue[object]) -> list[object]:
 
 def test_end_of_messages_without_termination_is_a_half_close() -> None:
     inbox: queue.Queue[object] = queue.Queue(maxsize=8)
-    grpc_api._pump(iter(["a", "b"]), inbox, threading.Event())
+    wake = threading.Event()
+    grpc_api._pump(iter(["a", "b"]), inbox, threading.Event(), wake)
     assert _drain(inbox) == ["a", "b", grpc_api._END]
+    assert wake.is_set()  # the relay loop is woken for what the client sent
 
 
 def test_end_of_messages_followed_by_termination_is_a_dropped_connection() -> None:
@@ -35,13 +37,13 @@ def test_end_of_messages_followed_by_termination_is_a_dropped_connection() -> No
         # grpc: the empty read completes, the cancellation lands a moment later
         threading.Timer(0.05, terminated.set).start()
 
-    grpc_api._pump(messages(), inbox, terminated)
+    grpc_api._pump(messages(), inbox, terminated, threading.Event())
     assert _drain(inbox) == ["a", grpc_api._DROPPED]
 
 
 def test_half_close_is_reported_within_the_grace() -> None:
     inbox: queue.Queue[object] = queue.Queue(maxsize=8)
     t0 = time.monotonic()
-    grpc_api._pump(iter([]), inbox, threading.Event())
+    grpc_api._pump(iter([]), inbox, threading.Event(), threading.Event())
     assert inbox.get_nowait() is grpc_api._END
     assert time.monotonic() - t0 < grpc_api.HALF_CLOSE_GRACE_S + 1.0
