@@ -164,10 +164,13 @@ def start_local_triton(
     output: Callable[[str], None] | None = None,
     extra_args: tuple[str, ...] = (),
     timeout: float = START_TIMEOUT_S,
+    tls: tuple[Path, Path] | None = None,
 ) -> LocalTriton:
     """Start tritonserver on ``repo`` (gRPC only, on ``host``; metrics when ``metrics_port``) and
     wait until it is ready. Its output goes to a log file, or line by line to ``output`` (from a
-    reader thread). A server that exits or does not get ready raises MidashengError with its log."""
+    reader thread). ``tls`` = (certificate, key) PEM files serves gRPC over TLS (the certificate
+    also being the readiness check's root). A server that exits or does not get ready raises
+    MidashengError with its log."""
     install = install or find_install()
     workdir = Path(tempfile.mkdtemp(prefix="midasheng-triton-"))
     grpc_port = grpc_port or free_port(host)
@@ -183,6 +186,11 @@ def start_local_triton(
         "--exit-on-error=true",
         "--strict-readiness=true",
         *([f"--metrics-port={metrics_port}"] if metrics_port else []),
+        *(
+            ["--grpc-use-ssl=true", f"--grpc-server-cert={tls[0]}", f"--grpc-server-key={tls[1]}"]
+            if tls
+            else []
+        ),
         *extra_args,
     ]
     log_path = None if output else workdir / "tritonserver.log"
@@ -200,7 +208,7 @@ def start_local_triton(
     if output is not None:
         threading.Thread(target=_relay, args=(proc, output), name="triton-log", daemon=True).start()
     try:
-        wait_ready(server, timeout)
+        wait_ready(server, timeout, root_cert=tls[0] if tls else None)
     except BaseException:
         tail = server.log_tail()
         server.stop()
@@ -217,12 +225,14 @@ def _relay(proc: subprocess.Popen[str], output: Callable[[str], None]) -> None:
             output(line.rstrip())
 
 
-def wait_ready(server: LocalTriton, timeout: float) -> None:
+def wait_ready(server: LocalTriton, timeout: float, root_cert: Path | None = None) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     deadline = time.monotonic() + timeout
-    client = grpcclient.InferenceServerClient(server.url)
+    client = grpcclient.InferenceServerClient(
+        server.url, ssl=root_cert is not None, root_certificates=str(root_cert) if root_cert else None
+    )
     try:
         while True:
             if server.process.poll() is not None:

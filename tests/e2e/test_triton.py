@@ -8,7 +8,7 @@ port, with its inference protocol restricted to callers that send a token header
   backend's within ATOL, for offline clips and for live streams (final and tentative tokens),
   several sessions at once;
 * a missing model, a repository whose dims disagree with the checkpoint, and a wrong token are
-  refused at start with one clear error;
+  refused at start with one clear error; TLS works, and a plaintext client is refused;
 * killing Triton mid-stream gives retries, then UNAVAILABLE with a resume hint to the client;
   once Triton is back the session resumes and new sessions start, the encoder never restarted;
 * ``midasheng up --encoder-backend triton`` starts a local Triton and serves a stream through it.
@@ -19,7 +19,9 @@ Where the Triton environment is missing the tests skip and say why (CI creates i
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
+import ipaddress
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ import redis
 import torch
 from prometheus_client import REGISTRY
 
-from encoder_service.backends import TorchBackend
+from encoder_service.backends import TorchBackend, Window
 from encoder_service.backends.triton_backend import TritonBackend, TritonSettings
 from encoder_service.backends.triton_local import LocalTriton, TritonInstall, find_install, start_local_triton
 from encoder_service.batcher import EncoderBatcher
@@ -41,7 +43,7 @@ from encoder_service.sessions import EncoderSessions
 from lm_service.engines.base import CaptionEngine
 from lm_service.server import start_lm_server
 from services.cli import main
-from services.errors import ConfigError
+from services.errors import ConfigError, Unavailable
 from services.gateway.server import start_gateway
 from services.model.checkpoint import CONFIG_NAME, build_model, resolve_model_dir, save_model
 from services.model.config import MiDashengLMConfig
@@ -301,6 +303,65 @@ def test_missing_model_mismatched_dims_and_a_wrong_token_are_refused_at_start(
     lines = [line for line in err.splitlines() if line.startswith("midasheng encoder: error:")]
     assert len(lines) == 1 and "narrow_encoder" in lines[0] and "FEATURES" in lines[0], err
     assert "Traceback" not in err
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.slow
+def test_tls(install: TritonInstall, repo: Path, tmp_path: Path, encoder_model: MiDashengLM) -> None:
+    cert, key = self_signed(tmp_path)
+    server = start_local_triton(repo, install, tls=(cert, key))
+    try:
+        enc = encoder_model.config.audio_encoder_config
+        backend = TritonBackend(
+            TritonSettings(triton_url=server.url, triton_tls=True, triton_tls_ca=str(cert)), enc
+        )
+        try:
+            g = backend.geometry
+            window = Window(
+                torch.randn(g.n_mels, 700, generator=torch.Generator().manual_seed(1)) * 10 - 40, 150
+            )
+            (got,) = backend.encode([window])
+            (want,) = TorchBackend(encoder_model.audio_encoder).encode([window])
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        finally:
+            backend.close()
+        with pytest.raises(Unavailable, match="not ready after"):
+            TritonBackend(TritonSettings(triton_url=server.url, triton_ready_timeout_s=1.0), enc)
+    finally:
+        server.stop()
 
 
 def retries() -> float:
