@@ -71,12 +71,18 @@ def scrape(port: int, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def redis_stats(port: int) -> dict[str, int]:
-    out = subprocess.run(
-        ["redis-cli", "-p", str(port), "INFO", "stats"], capture_output=True, text=True
-    ).stdout
-    stats = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {k: int(stats[k]) for k in ("total_net_input_bytes", "total_commands_processed")}
+def redis_stats(port: int) -> dict[str, Any]:
+    def info(section: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), "INFO", section], capture_output=True, text=True
+        ).stdout
+
+    stats = dict(line.split(":", 1) for line in info("stats").splitlines() if ":" in line)
+    result: dict[str, Any] = {k: int(stats[k]) for k in ("total_net_input_bytes", "total_commands_processed")}
+    result["calls"] = {
+        m.group(1): int(m.group(2)) for m in re.finditer(r"cmdstat_(\S+?):calls=(\d+)", info("commandstats"))
+    }
+    return result
 
 
 class Stack:
@@ -321,6 +327,10 @@ def run(code: Path, streams: int, seconds: int, label: str) -> dict[str, Any]:
             / stream_seconds,
             1,
         ),
+        "redis_calls_per_stream_second": {
+            k: round((v - before["redis"]["calls"].get(k, 0)) / stream_seconds, 2)
+            for k, v in sorted(after["redis"]["calls"].items(), key=lambda kv: -kv[1])[:8]
+        },
         "redis_commands_per_stream_second": round(
             (after["redis"]["total_commands_processed"] - before["redis"]["total_commands_processed"])
             / stream_seconds,

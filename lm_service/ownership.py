@@ -31,6 +31,7 @@ from services.wire.load import LoadReport
 from services.wire.settings import settings_from_hash
 
 log = logging.getLogger(__name__)
+PENDING_REPORT_S = 5.0  # the pending-entries gauge is refreshed this often (one XPENDING per session)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class OwnedSession:
     failures: dict[str, int] = field(default_factory=dict)  # entry id -> failed captioning attempts
     gap_since: float | None = None  # when a publication arrived ahead of a missing seq
     last_publication: float = field(default_factory=time.monotonic)
+    config_refreshed: float = 0.0  # when its config's TTL was last renewed (monotonic)
     allow_gap: bool = False  # a poison entry was dead-lettered: the next seq gap is expected
 
 
@@ -79,6 +81,7 @@ class SessionOwnership:
             on_lost=self.on_lost,
         )
         self._last_scan = 0.0
+        self._last_pending_report = 0.0
         self.max_lag_s = max_lag_s
         self._lag_s = 0.0  # the oldest publication admitted since the last report, seconds
         self.behind = False  # publications wait longer than max_lag_s: adopt nothing new
@@ -94,7 +97,9 @@ class SessionOwnership:
         if not self.behind:
             self.adopt_free_sessions()
         self.drop_abandoned()
-        self.report_pending()
+        if now - self._last_pending_report >= PENDING_REPORT_S:
+            self._last_pending_report = now
+            self.report_pending()
         self.expire_silent(now)
 
     # --- load -----------------------------------------------------------------------------------
@@ -180,10 +185,8 @@ class SessionOwnership:
         sids = list(self.sessions)
         if not sids:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in sids:
-            pipe.zscore(keys.ACTIVE_SESSIONS, sid)
-        for sid, score in zip(sids, pipe.execute(), strict=True):
+        scores = self.redis.zmscore(keys.ACTIVE_SESSIONS, sids)  # one command for every session
+        for sid, score in zip(sids, scores, strict=True):
             if score is None and sid in self.sessions:
                 log.info("session %s left the active set (abandoned by its gateway); letting it go", sid)
                 self.let_go(sid)

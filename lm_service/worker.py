@@ -44,6 +44,7 @@ from services.wire.tokens import TokenMessage
 
 log = logging.getLogger(__name__)
 __all__ = ["GROUP", "LMWorker", "WorkerLimits"]
+CONFIG_REFRESH_S = 60.0  # how often a live session's config TTL is renewed (it is session_ttl_s long)
 FUTURE_WAIT_S = 0.05  # longest wait for a caption while new publications may be arriving
 
 
@@ -328,10 +329,10 @@ class LMWorker:
                 ttl_s=self.defaults.session_ttl_s,
             )
         )
-        session.last_publication = time.monotonic()
-        self.redis.expire(
-            keys.session_config(session.sid), self.defaults.session_ttl_s
-        )  # live sessions keep it
+        session.last_publication = now = time.monotonic()
+        if now - session.config_refreshed > CONFIG_REFRESH_S:  # a live session keeps its config
+            session.config_refreshed = now
+            self.redis.expire(keys.session_config(session.sid), self.defaults.session_ttl_s)
         if status is not ApplyStatus.APPLIED:  # lease lost, or another owner applied it first
             self.ownership.on_lost(keys.session_lease(session.sid))
             return False
