@@ -43,7 +43,7 @@ from encoder_service.sessions import EncoderSessions
 from lm_service.engines.base import CaptionEngine
 from lm_service.server import start_lm_server
 from services.cli import main
-from services.errors import ConfigError, Unavailable
+from services.errors import ConfigError, MidashengError, Unavailable
 from services.gateway.server import start_gateway
 from services.model.checkpoint import CONFIG_NAME, build_model, resolve_model_dir, save_model
 from services.model.config import MiDashengLMConfig
@@ -71,11 +71,15 @@ HEADER = f"triton-grpc-protocol-{TOKEN_KEY}"  # what tritonserver 2.51 expects f
 
 
 @pytest.fixture(scope="module")
-def install() -> TritonInstall:
+def install(tmp_path_factory: pytest.TempPathFactory) -> TritonInstall:
+    """The Triton environment, once its server has started on an empty repository here (so that a
+    model that fails to load later is a failure, not a skip)."""
     try:
-        return find_install()
-    except ConfigError as e:
+        found = find_install()
+        start_local_triton(tmp_path_factory.mktemp("triton-empty-repo"), found, timeout=60).stop()
+    except MidashengError as e:
         pytest.skip(f"Triton cannot be started on this machine: {e}")
+    return found
 
 
 @pytest.fixture(scope="module")
