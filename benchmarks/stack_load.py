@@ -38,7 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-SR = 16_000  # the client's own audio; kept literal so the client runs from any checkout
+sys.path.insert(0, str(ROOT))
+
+from services.constants import SAMPLE_RATE as SR  # noqa: E402
 
 
 def free_port() -> int:

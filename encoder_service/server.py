@@ -74,7 +74,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self, request: encoder_pb2.PushAudioRequest, context: grpc.ServicerContext
     ) -> encoder_pb2.PushAudioResponse:
         samples = samples_from(request.format, request.data)
-        res = self.sessions.push(request.session_id, request.seq, samples, request.end_of_stream)
+        res = self.sessions.push(
+            request.session_id, request.seq, samples, request.end_of_stream, first_seq=request.first_seq
+        )
         return encoder_pb2.PushAudioResponse(
             seq=request.seq,
             duplicate=res.duplicate,
@@ -157,7 +159,14 @@ def start_encoder_server(
         max_queue=limits.max_queue,
     )
     batcher.start()
-    sessions = EncoderSessions(model, batcher, publish, max_sessions=limits.max_sessions)
+    sessions = EncoderSessions(
+        model,
+        batcher,
+        publish,
+        max_sessions=limits.max_sessions,
+        tolerance=limits.tentative_tolerance,
+        payload_dtype=limits.payload_dtype,
+    )
     server = rpc.make_server()
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(model, sessions), server)
     rpc.add_health_and_reflection(server, [SERVICE])

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 DEFAULT_EMIT_SECONDS = DEFAULT_HOP_SECONDS
 MAX_PUSH_SAMPLES = SAMPLE_RATE * 10  # one push holds at most 10 s of audio
 BATCH_TIMEOUT_S = 30.0  # longest wait for the device
+# Relative L2 change below which a tentative token is not published again (the LM keeps the value
+# it has); finals are always sent exactly. 0.01 keeps every caption, interim and final, of the demo
+# model's test clips (tests/encoder_service/test_encoder_sessions.py); 0.02-0.05 send a third
+# fewer tentative tokens but changed one interim caption in 108 there.
+DEFAULT_TOLERANCE = 0.01
+PAYLOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -42,15 +48,25 @@ class EncoderLimits:
     max_wait_ms: Annotated[float, "ms the batcher waits to fill a batch"] = 5.0
     max_queue: Annotated[int, "submissions waiting for the device before RESOURCE_EXHAUSTED"] = 256
     idle_seconds: Annotated[float, "s without audio after which a session is flushed and closed"] = 300.0
+    tentative_tolerance: Annotated[
+        float,
+        "a tentative token is published again only once it moved more than this (relative L2) since last sent",
+    ] = DEFAULT_TOLERANCE
+    payload_dtype: Annotated[
+        str, "audio tokens on the queue: auto (the model's), float32, bfloat16, float16"
+    ] = "auto"
 
     def __post_init__(self) -> None:
         if (
             min(self.max_sessions, self.max_batch, self.max_queue) < 1
             or self.max_wait_ms < 0
             or self.idle_seconds <= 0
+            or self.tentative_tolerance < 0
+            or self.payload_dtype not in PAYLOAD_DTYPES
         ):
             raise ConfigError(
-                "EncoderLimits: max_sessions, max_batch and max_queue must be >= 1, max_wait_ms >= 0, idle_seconds > 0."
+                "EncoderLimits: max_sessions, max_batch and max_queue must be >= 1, max_wait_ms >= 0, "
+                f"idle_seconds > 0, tentative_tolerance >= 0, payload_dtype one of {', '.join(PAYLOAD_DTYPES)}."
             )
 
 
@@ -76,6 +92,7 @@ class _Unsent:
     tentative: int
     num_final: int
     end: bool
+    held: torch.Tensor | None = None  # the tentative tokens the LM holds once this is applied
 
 
 @dataclass
@@ -90,18 +107,27 @@ class _State:
     tentative: int = 0
     closed: bool = False
     unsent: _Unsent | None = None
+    sent_tentative: torch.Tensor | None = None  # what the LM holds for [final_published, ...), as sent
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class EncoderSessions:
     def __init__(
-        self, model: MiDashengLM, batcher: EncoderBatcher, publish: Publisher, max_sessions: int = 256
+        self,
+        model: MiDashengLM,
+        batcher: EncoderBatcher,
+        publish: Publisher,
+        max_sessions: int = 256,
+        tolerance: float = DEFAULT_TOLERANCE,
+        payload_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.batcher = batcher
         self.publish = publish
         self.max_sessions = max_sessions
+        self.tolerance = tolerance
+        self.payload_dtype = model.dtype if payload_dtype == "auto" else getattr(torch, payload_dtype)
         self._sessions: dict[str, _State] = {}
         self._lock = threading.Lock()
 
@@ -146,7 +172,10 @@ class EncoderSessions:
             raise NotFound(f"encoder session {sid!r} does not exist")
         return st
 
-    def push(self, sid: str, audio_seq: int, samples: np.ndarray, end_of_stream: bool = False) -> PushResult:
+    def push(
+        self, sid: str, audio_seq: int, samples: np.ndarray, end_of_stream: bool = False, first_seq: int = 0
+    ) -> PushResult:
+        """Append audio chunks [first_seq, audio_seq] (one chunk when ``first_seq`` is 0)."""
         st = self._get(sid)
         if samples.size > MAX_PUSH_SAMPLES:
             raise InvalidArgument(f"a push holds {samples.size} samples; the limit is {MAX_PUSH_SAMPLES}")
@@ -158,8 +187,15 @@ class EncoderSessions:
                 if end_of_stream and not st.closed:  # the end's emit failed earlier: do it now
                     self._emit(st, end=True)
                 return PushResult(True, st.final_published, st.tentative, st.stream.seconds_received)
-            if audio_seq and audio_seq != st.last_audio_seq + 1:
-                raise InvalidArgument(f"audio seq {audio_seq} skips ahead of {st.last_audio_seq + 1}")
+            first = first_seq or audio_seq
+            if audio_seq and first_seq > audio_seq:
+                raise InvalidArgument(f"first_seq {first_seq} is after seq {audio_seq}")
+            if audio_seq and first > st.last_audio_seq + 1:
+                raise InvalidArgument(f"audio seq {first} skips ahead of {st.last_audio_seq + 1}")
+            if audio_seq and first <= st.last_audio_seq:
+                raise InvalidArgument(
+                    f"audio chunks {first}..{audio_seq} overlap chunk {st.last_audio_seq}, applied"
+                )
             st.last_audio_seq = audio_seq or st.last_audio_seq + 1
             if samples.size:
                 st.stream.push(samples)
@@ -210,10 +246,14 @@ class EncoderSessions:
             expected += int(u.tokens.shape[0])
         num_final = expected - st.final_published
         tail = tentative[-1] if tentative else None
+        tentative_start, held = 0, None
         if tail is not None and tail.token_start == expected:
-            parts.append(tail.tokens)
+            skip, held = self._unchanged(st, expected, tail.tokens.to(self.payload_dtype))
+            parts.append(tail.tokens[skip:])
+            tentative_start = expected + skip if skip else 0
         hidden = self.model.config.hidden_size
         tokens = torch.cat(parts, dim=0) if parts else torch.zeros((0, hidden), dtype=self.model.dtype)
+        tokens = tokens.to(self.payload_dtype)
         if tokens.shape[0] == 0 and not end:
             return
         msg = TokenMessage(
@@ -226,16 +266,41 @@ class EncoderSessions:
             window_index=stream.closed_windows,
             revision=tail.revision if tail is not None else 0,
             audio_seq=st.last_audio_seq,
+            tentative_start=tentative_start,
         )
         st.unsent = _Unsent(
-            encode_tokens(st.sid, msg), msg.seq, expected, int(tokens.shape[0]) - num_final, num_final, end
+            encode_tokens(st.sid, msg),
+            msg.seq,
+            expected,
+            int(tokens.shape[0]) - num_final,
+            num_final,
+            end,
+            held,
         )
         self._publish(st, st.unsent)
+
+    def _unchanged(self, st: _State, start: int, tail: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """How many leading tokens of the tentative ``tail`` (from stream index ``start``) moved no
+        more than the tolerance since they were last sent, and what the LM will then hold from
+        ``start`` on (those kept values, then the rest of ``tail``)."""
+        sent = st.sent_tentative
+        if sent is None or not self.tolerance:
+            return 0, tail
+        offset = start - st.final_published  # sent covers [final_published, ...)
+        old = sent[offset:] if offset >= 0 else sent[:0]
+        n = min(int(old.shape[0]), int(tail.shape[0]))
+        if n == 0:
+            return 0, tail
+        a, b = tail[:n].float(), old[:n].float()
+        moved = (a - b).norm(dim=1) > self.tolerance * b.norm(dim=1).clamp(min=1e-12)
+        skip = int(moved.to(torch.int8).argmax()) if bool(moved.any()) else n
+        return skip, torch.cat([old[:skip].to(tail.dtype), tail[skip:]])
 
     def _publish(self, st: _State, u: _Unsent) -> None:
         self.publish(st.sid, u.payload)
         st.unsent = None
         st.pub_seq, st.final_published, st.tentative = u.seq, u.final_published, u.tentative
+        st.sent_tentative = u.held
         metrics.TOKENS_PUBLISHED.labels(kind="final").inc(u.num_final)
         metrics.TOKENS_PUBLISHED.labels(kind="tentative").inc(u.tentative)
         if u.end:

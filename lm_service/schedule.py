@@ -80,7 +80,9 @@ class CaptionSchedule:
         return self._n_final
 
     def ingest(self, msg: TokenMessage) -> None:
-        """Store the tokens of a publication (final ones at their index, tentative tail replaced)."""
+        """Store the tokens of a publication: final ones at their index, then the tentative tail,
+        which replaces what was held from ``msg.tentative_at`` on (the tentative tokens between
+        the finals and it are kept: they did not change beyond the encoder's tolerance)."""
         n, hidden = int(msg.tokens.shape[0]), int(msg.tokens.shape[1])
         if not 0 <= msg.num_final <= n:
             raise InvalidArgument(f"num_final {msg.num_final} outside [0, {n}]")
@@ -92,21 +94,29 @@ class CaptionSchedule:
             self.lost.append((self._n_final, msg.token_start))
         if msg.token_start < self._base:  # rewinds before the retained history: start over there
             self._tokens, self._base = self._tokens[:0], msg.token_start
-        keep = self._tokens[: max(0, min(msg.token_start, self._base + self._tokens.shape[0]) - self._base)]
+        held_end = self._base + self._tokens.shape[0]
+        if msg.tentative_at > msg.final_end and msg.tentative_at > held_end:
+            raise InvalidArgument(
+                f"publication {msg.seq} keeps tentative tokens up to {msg.tentative_at} but only "
+                f"{held_end} are held"
+            )
+        keep = self._tokens[: max(0, min(msg.token_start, held_end) - self._base)]
         gap = msg.token_start - (self._base + keep.shape[0])
-        parts = [keep, msg.tokens.new_zeros((max(0, gap), hidden)), msg.tokens]
+        kept_tail = self._tokens[msg.final_end - self._base : msg.tentative_at - self._base]
+        parts = [keep, msg.tokens.new_zeros((max(0, gap), hidden)), msg.tokens[: msg.num_final]]
+        parts += [kept_tail.to(msg.tokens.dtype), msg.tokens[msg.num_final :]]
         buf = torch.cat(parts, dim=0)
         # Keep what the next captions can need: every token of a segment not yet final (finals
         # arrive in bursts of a whole 10.08 s encoder window) and the last window for interims.
         w = self.settings.window_tokens
-        total = msg.token_start + n
+        total = msg.total_end
         needed_from = max(0, min(self.state.segments_final * w, total - w))
         excess = min(buf.shape[0] - RETAIN_WINDOWS * w, needed_from - self._base)
         if excess > 0:
             buf, self._base = buf[excess:], self._base + excess
         self._tokens = buf
-        self._n_final = msg.token_start + msg.num_final
-        self._n_total = msg.token_start + n
+        self._n_final = msg.final_end
+        self._n_total = total
         self.stream_seconds = msg.stream_seconds
 
     def window(self, start: int, end: int) -> torch.Tensor:
@@ -129,8 +139,7 @@ class CaptionSchedule:
         same session is being captioned: its interim supersedes this one's)."""
         w = self.settings.window_tokens
         st = state or self.state
-        n_final = msg.token_start + msg.num_final
-        n_total = msg.token_start + int(msg.tokens.shape[0])
+        n_final, n_total = msg.final_end, msg.total_end
         final, revision, ended = st.segments_final, st.open_revision, st.ended
         out: list[PlannedCaption] = []
         while (final + 1) * w <= n_final:

@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from lm_service.engines import DEFAULT_ENGINE, ENGINES
 from lm_service.engines.limits import EngineLimits
-from services import config
 from lm_service.offline import DEFAULT_SEGMENT_SECONDS, LONG_AUDIO_SECONDS, Captioner
+from services import config
 from services.audio.io import decode_audio
 from services.audio.subtitles import FORMATS, TimedCaption, render
 from services.constants import DEFAULT_PROMPT, SAMPLE_RATE

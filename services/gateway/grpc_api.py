@@ -80,7 +80,9 @@ class GrpcEncoderLink:
         )
         return int(r.last_seq), bool(r.reattached)
 
-    def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
+    def push(
+        self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False, first_seq: int = 0
+    ) -> None:
         self._call(
             self.stub.PushAudio,
             encoder_pb2.PushAudioRequest(
@@ -89,6 +91,7 @@ class GrpcEncoderLink:
                 format=encoder_pb2.SAMPLE_FORMAT_FLOAT32,
                 data=np.ascontiguousarray(samples, dtype="<f4").tobytes(),
                 end_of_stream=end_of_stream,
+                first_seq=first_seq,
             ),
             sid,
         )

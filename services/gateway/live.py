@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Protocol
 
 import numpy as np
@@ -83,9 +83,33 @@ class EncoderLink(Protocol):
 
     def open(self, sid: str, emit_seconds: float, reattach_only: bool = False) -> tuple[int, bool]: ...
 
-    def push(self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None: ...
+    def push(
+        self, sid: str, seq: int, samples: np.ndarray, end_of_stream: bool = False, first_seq: int = 0
+    ) -> None: ...
 
     def close(self, sid: str, flush: bool) -> None: ...
+
+
+@dataclass
+class _Pending:
+    """Converted client chunks waiting for the next push (in seq order)."""
+
+    parts: list[np.ndarray] = field(default_factory=list)
+    crcs: dict[int, int] = field(default_factory=dict)  # seq -> crc32 of the client's bytes
+    first_seq: int = 0
+    last_seq: int = 0
+    size: int = 0  # samples
+    closed: bool = False  # the resampler's tail was added (finalize)
+
+    def add(self, seq: int, samples: np.ndarray, crc: int) -> None:
+        if not self.parts:
+            self.first_seq = seq
+        self.parts.append(samples)
+        self.crcs[seq] = crc
+        self.last_seq, self.size = seq, self.size + samples.size
+
+    def clear(self) -> None:
+        self.parts, self.crcs, self.size = [], {}, 0
 
 
 class LiveSession:
@@ -109,9 +133,9 @@ class LiveSession:
         self.generation = 0  # bumped by every resume: only the newest call may detach the session
         self.last_activity = time.monotonic()
         self.lock = threading.Lock()
-        # (seq, samples) of a chunk whose push failed: the converter has already moved past it, so a
-        # re-send of that seq pushes these samples instead of converting the bytes a second time.
-        self._unpushed: tuple[int, np.ndarray, int] | None = None  # + crc32 of the chunk's bytes
+        self._pending = _Pending()  # chunks accepted but not pushed to the encoder yet
+        self._hop_samples = max(1, round(settings.session.hop_seconds * SAMPLE_RATE))
+        self._next_push = self._hop_samples  # push once the audio reaches this many samples
 
     @property
     def seconds(self) -> float:
@@ -121,7 +145,9 @@ class LiveSession:
         self.last_activity = time.monotonic()
 
     def feed(self, data: bytes, seq: int = 0) -> None:
-        """Accept one client chunk (validated, converted to 16 kHz mono, pushed to the encoder)."""
+        """Accept one client chunk (validated, converted to 16 kHz mono). Chunks are pushed to the
+        encoder together, once the audio crosses the next hop (when the encoder publishes) or a
+        second has gathered: one push per hop instead of one per chunk, with no added latency."""
         limits = self.gateway.limits
         if len(data) > limits.max_chunk_bytes:
             metrics.REJECTED_CHUNKS.labels(reason="oversized").inc()
@@ -131,38 +157,54 @@ class LiveSession:
         with self.lock:
             if self.ended:
                 raise FailedPrecondition("the session was finalized; no more audio is accepted")
-            if seq and seq <= self.audio_seq:
-                return  # a chunk the client re-sent after a reconnect
+            if seq and seq <= self.audio_seq:  # a chunk the client sent again (after a reconnect)
+                if self._pending.crcs.get(seq, zlib.crc32(data)) != zlib.crc32(data):
+                    raise InvalidArgument(f"audio chunk seq {seq} was sent again with different bytes")
+                self._push_due()  # the push that failed, if any, is tried again
+                return
             if seq and seq != self.audio_seq + 1:
                 raise InvalidArgument(f"audio chunk seq {seq} skips ahead of {self.audio_seq + 1}")
             t0 = time.monotonic()
-            nxt = self.audio_seq + 1
-            if seq and self._unpushed is not None and self._unpushed[0] == seq:
-                if self._unpushed[2] != zlib.crc32(data):
-                    raise InvalidArgument(f"audio chunk seq {seq} was sent again with different bytes")
-                samples = self._unpushed[1]
-            else:
-                try:
-                    samples = self.converter.convert(data)
-                except InvalidArgument:
-                    metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
-                    raise
+            try:
+                samples = self.converter.convert(data)
+            except InvalidArgument:
+                metrics.REJECTED_CHUNKS.labels(reason="malformed").inc()
+                raise
             if (self.samples + samples.size) / SAMPLE_RATE > limits.max_session_seconds:
                 raise ResourceExhausted(
                     f"the session reached its maximum of {limits.max_session_seconds:.0f} s"
                 )
-            # Counted only once the encoder has it: a failed push can be sent again with the same seq.
-            self._unpushed = (nxt, samples, zlib.crc32(data))
-            self._push(nxt, samples)
-            self._unpushed = None
-            self.audio_seq = nxt
+            self.audio_seq += 1
+            self._pending.add(self.audio_seq, samples, zlib.crc32(data))
             self.samples += samples.size
             self.touch()
+            self._push_due()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
 
-    def _push(self, seq: int, samples: np.ndarray, end_of_stream: bool = False) -> None:
+    def _push_due(self) -> None:
+        """Push what is pending once it reaches the next hop or a second of audio. A failed push
+        leaves it pending (the client's chunks were accepted): the next feed tries again."""
+        p = self._pending
+        if not p.parts:
+            return
+        if self.samples < self._next_push and p.size < SAMPLE_RATE:
+            return
+        self._push_pending()
+        while self._next_push <= self.samples:
+            self._next_push += self._hop_samples
+
+    def _push_pending(self, end_of_stream: bool = False) -> None:
+        p = self._pending
+        samples = np.concatenate(p.parts) if p.parts else np.zeros(0, dtype=np.float32)
+        first = p.first_seq if len(p.parts) > 1 else 0
+        self._push(p.last_seq, samples, end_of_stream, first)
+        p.clear()
+
+    def _push(self, seq: int, samples: np.ndarray, end_of_stream: bool = False, first_seq: int = 0) -> None:
         try:
-            self.gateway.encoder.push(self.sid, seq, samples, end_of_stream=end_of_stream)
+            self.gateway.encoder.push(
+                self.sid, seq, samples, end_of_stream=end_of_stream, first_seq=first_seq
+            )
         except NotFound as e:
             reason = "the encoder lost its audio state (it restarted or expired the session)"
             self.gateway.abandon(self.sid, reason, self)
@@ -173,11 +215,14 @@ class LiveSession:
         with self.lock:
             if self.ended:
                 return
-            tail = self.converter.flush()
-            self._push(self.audio_seq + 1, tail, end_of_stream=True)
+            if not self._pending.closed:  # the resampler's tail, as one more chunk (once)
+                tail = self.converter.flush()
+                self._pending.add(self.audio_seq + 1, tail, 0)
+                self._pending.closed = True
+                self.samples += tail.size
+            self._push_pending(end_of_stream=True)
             self.ended = True  # only once the encoder has the end (a failed finalize can be retried)
             self.audio_seq += 1
-            self.samples += tail.size
             self.gateway.mark_ended(self.sid, self.audio_seq)
 
     def close(self) -> None:

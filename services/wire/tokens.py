@@ -31,6 +31,23 @@ class TokenMessage:
     window_index: int = 0
     revision: int = 0
     audio_seq: int = 0
+    tentative_start: int = 0  # stream index of the first tentative token sent; 0 = right after the finals
+
+    @property
+    def final_end(self) -> int:
+        """Stream index after the last final token (final tokens: [token_start, final_end))."""
+        return self.token_start + self.num_final
+
+    @property
+    def tentative_at(self) -> int:
+        """Stream index of the first tentative token sent (those before it, back to ``final_end``,
+        did not change beyond the encoder's tolerance and were not sent again)."""
+        return self.tentative_start or self.final_end
+
+    @property
+    def total_end(self) -> int:
+        """Stream index after the last token (final or tentative) the receiver then holds."""
+        return self.tentative_at + int(self.tokens.shape[0]) - self.num_final
 
 
 def tokens_to_bytes(tokens: torch.Tensor) -> tuple[bytes, int]:
@@ -59,6 +76,7 @@ def encode_tokens(session_id: str, msg: TokenMessage) -> bytes:
         stream_time_end_seconds=msg.stream_seconds,
         audio_seq=msg.audio_seq,
         end_of_stream=msg.end_of_stream,
+        tentative_start=msg.tentative_start,
     ).SerializeToString()
 
 
@@ -78,6 +96,11 @@ def decode_tokens(payload: bytes) -> tuple[str, TokenMessage]:
         )
     if msg.num_final > msg.num_tokens:
         raise InvalidArgument(f"AudioTokens num_final {msg.num_final} exceeds num_tokens {msg.num_tokens}")
+    if msg.tentative_start and msg.tentative_start < msg.token_start + msg.num_final:
+        raise InvalidArgument(
+            f"AudioTokens tentative_start {msg.tentative_start} is before its final tokens' end "
+            f"{msg.token_start + msg.num_final}"
+        )
     if msg.num_tokens:
         raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
         tokens = raw.view(dtype).reshape(msg.num_tokens, msg.hidden_size).clone()
@@ -93,4 +116,5 @@ def decode_tokens(payload: bytes) -> tuple[str, TokenMessage]:
         window_index=msg.window_index,
         revision=msg.revision,
         audio_seq=msg.audio_seq,
+        tentative_start=msg.tentative_start,
     )

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amidasheng/v1/encoder.proto\x12\x0cmidasheng.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.midasheng.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15\x65mit_interval_seconds\x18\x02 \x01(\x01\x12\x15\n\rreattach_only\x18\x03 \x01(\x08\"\xab\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\x12\x15\n\rtoken_rate_hz\x18\x03 \x01(\x01\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x01\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\x12\x12\n\nreattached\x18\x07 \x01(\x08\"\x84\x01\n\x10PushAudioRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.midasheng.v1.SampleFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x15\n\rend_of_stream\x18\x05 \x01(\x08\"\x80\x01\n\x11PushAudioResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x14\n\x0c\x66inal_tokens\x18\x03 \x01(\x04\x12\x18\n\x10tentative_tokens\x18\x04 \x01(\x04\x12\x1b\n\x13stream_time_seconds\x18\x05 \x01(\x01\"8\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\"C\n\x14\x43loseSessionResponse\x12\x14\n\x0c\x66inal_tokens\x18\x01 \x01(\x04\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\"\x87\x01\n\x11\x45ncodeClipRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.midasheng.v1.SampleFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x65ncoder_only\x18\x03 \x01(\x08\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.midasheng.v1.DType\"h\n\x12\x45ncodeClipResponse\x12(\n\nembeddings\x18\x01 \x01(\x0b\x32\x14.midasheng.v1.Tensor\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\"\xa4\x02\n\x0b\x41udioTokens\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0cwindow_index\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\x04\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\"\n\x05\x64type\x18\x08 \x01(\x0e\x32\x13.midasheng.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0c\x12\x11\n\tnum_final\x18\n \x01(\r\x12\x1f\n\x17stream_time_end_seconds\x18\x0b \x01(\x01\x12\x11\n\taudio_seq\x18\x0c \x01(\x04\x12\x15\n\rend_of_stream\x18\r \x01(\x08*a\n\x0cSampleFormat\x12\x1d\n\x19SAMPLE_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13SAMPLE_FORMAT_INT16\x10\x01\x12\x19\n\x15SAMPLE_FORMAT_FLOAT32\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xda\x02\n\x0e\x45ncoderService\x12R\n\x0bOpenSession\x12 .midasheng.v1.OpenSessionRequest\x1a!.midasheng.v1.OpenSessionResponse\x12L\n\tPushAudio\x12\x1e.midasheng.v1.PushAudioRequest\x1a\x1f.midasheng.v1.PushAudioResponse\x12U\n\x0c\x43loseSession\x12!.midasheng.v1.CloseSessionRequest\x1a\".midasheng.v1.CloseSessionResponse\x12O\n\nEncodeClip\x12\x1f.midasheng.v1.EncodeClipRequest\x1a .midasheng.v1.EncodeClipResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amidasheng/v1/encoder.proto\x12\x0cmidasheng.v1\"I\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.midasheng.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"^\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15\x65mit_interval_seconds\x18\x02 \x01(\x01\x12\x15\n\rreattach_only\x18\x03 \x01(\x08\"\xab\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\x12\x15\n\rtoken_rate_hz\x18\x03 \x01(\x01\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\x01\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\x12\x12\n\nreattached\x18\x07 \x01(\x08\"\x97\x01\n\x10PushAudioRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.midasheng.v1.SampleFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x15\n\rend_of_stream\x18\x05 \x01(\x08\x12\x11\n\tfirst_seq\x18\x06 \x01(\x04\"\x80\x01\n\x11PushAudioResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x14\n\x0c\x66inal_tokens\x18\x03 \x01(\x04\x12\x18\n\x10tentative_tokens\x18\x04 \x01(\x04\x12\x1b\n\x13stream_time_seconds\x18\x05 \x01(\x01\"8\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x66lush\x18\x02 \x01(\x08\"C\n\x14\x43loseSessionResponse\x12\x14\n\x0c\x66inal_tokens\x18\x01 \x01(\x04\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\"\x87\x01\n\x11\x45ncodeClipRequest\x12*\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1a.midasheng.v1.SampleFormat\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x65ncoder_only\x18\x03 \x01(\x08\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.midasheng.v1.DType\"h\n\x12\x45ncodeClipResponse\x12(\n\nembeddings\x18\x01 \x01(\x0b\x32\x14.midasheng.v1.Tensor\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\x12\x11\n\tencode_ms\x18\x03 \x01(\x01\"\xbd\x02\n\x0b\x41udioTokens\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0cwindow_index\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\r\x12\x13\n\x0btoken_start\x18\x05 \x01(\x04\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\"\n\x05\x64type\x18\x08 \x01(\x0e\x32\x13.midasheng.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0c\x12\x11\n\tnum_final\x18\n \x01(\r\x12\x1f\n\x17stream_time_end_seconds\x18\x0b \x01(\x01\x12\x11\n\taudio_seq\x18\x0c \x01(\x04\x12\x15\n\rend_of_stream\x18\r \x01(\x08\x12\x17\n\x0ftentative_start\x18\x0e \x01(\x04*a\n\x0cSampleFormat\x12\x1d\n\x19SAMPLE_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13SAMPLE_FORMAT_INT16\x10\x01\x12\x19\n\x15SAMPLE_FORMAT_FLOAT32\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xda\x02\n\x0e\x45ncoderService\x12R\n\x0bOpenSession\x12 .midasheng.v1.OpenSessionRequest\x1a!.midasheng.v1.OpenSessionResponse\x12L\n\tPushAudio\x12\x1e.midasheng.v1.PushAudioRequest\x1a\x1f.midasheng.v1.PushAudioResponse\x12U\n\x0c\x43loseSession\x12!.midasheng.v1.CloseSessionRequest\x1a\".midasheng.v1.CloseSessionResponse\x12O\n\nEncodeClip\x12\x1f.midasheng.v1.EncodeClipRequest\x1a .midasheng.v1.EncodeClipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'midasheng.v1.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLEFORMAT']._serialized_start=1321
-  _globals['_SAMPLEFORMAT']._serialized_end=1418
-  _globals['_DTYPE']._serialized_start=1420
-  _globals['_DTYPE']._serialized_end=1508
+  _globals['_SAMPLEFORMAT']._serialized_start=1365
+  _globals['_SAMPLEFORMAT']._serialized_end=1462
+  _globals['_DTYPE']._serialized_start=1464
+  _globals['_DTYPE']._serialized_end=1552
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=117
   _globals['_OPENSESSIONREQUEST']._serialized_start=119
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONRESPONSE']._serialized_start=216
   _globals['_OPENSESSIONRESPONSE']._serialized_end=387
   _globals['_PUSHAUDIOREQUEST']._serialized_start=390
-  _globals['_PUSHAUDIOREQUEST']._serialized_end=522
-  _globals['_PUSHAUDIORESPONSE']._serialized_start=525
-  _globals['_PUSHAUDIORESPONSE']._serialized_end=653
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=655
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=711
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=713
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=780
-  _globals['_ENCODECLIPREQUEST']._serialized_start=783
-  _globals['_ENCODECLIPREQUEST']._serialized_end=918
-  _globals['_ENCODECLIPRESPONSE']._serialized_start=920
-  _globals['_ENCODECLIPRESPONSE']._serialized_end=1024
-  _globals['_AUDIOTOKENS']._serialized_start=1027
-  _globals['_AUDIOTOKENS']._serialized_end=1319
-  _globals['_ENCODERSERVICE']._serialized_start=1511
-  _globals['_ENCODERSERVICE']._serialized_end=1857
+  _globals['_PUSHAUDIOREQUEST']._serialized_end=541
+  _globals['_PUSHAUDIORESPONSE']._serialized_start=544
+  _globals['_PUSHAUDIORESPONSE']._serialized_end=672
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=674
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=730
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=732
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=799
+  _globals['_ENCODECLIPREQUEST']._serialized_start=802
+  _globals['_ENCODECLIPREQUEST']._serialized_end=937
+  _globals['_ENCODECLIPRESPONSE']._serialized_start=939
+  _globals['_ENCODECLIPRESPONSE']._serialized_end=1043
+  _globals['_AUDIOTOKENS']._serialized_start=1046
+  _globals['_AUDIOTOKENS']._serialized_end=1363
+  _globals['_ENCODERSERVICE']._serialized_start=1555
+  _globals['_ENCODERSERVICE']._serialized_end=1901
 # @@protoc_insertion_point(module_scope)

@@ -66,18 +66,20 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., token_rate_hz: _Optional[float] = ..., hidden_size: _Optional[int] = ..., window_seconds: _Optional[float] = ..., last_seq: _Optional[int] = ..., reattached: _Optional[bool] = ...) -> None: ...
 
 class PushAudioRequest(_message.Message):
-    __slots__ = ("session_id", "seq", "format", "data", "end_of_stream")
+    __slots__ = ("session_id", "seq", "format", "data", "end_of_stream", "first_seq")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     format: SampleFormat
     data: bytes
     end_of_stream: bool
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., format: _Optional[_Union[SampleFormat, str]] = ..., data: _Optional[bytes] = ..., end_of_stream: _Optional[bool] = ...) -> None: ...
+    first_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., format: _Optional[_Union[SampleFormat, str]] = ..., data: _Optional[bytes] = ..., end_of_stream: _Optional[bool] = ..., first_seq: _Optional[int] = ...) -> None: ...
 
 class PushAudioResponse(_message.Message):
     __slots__ = ("seq", "duplicate", "final_tokens", "tentative_tokens", "stream_time_seconds")
@@ -132,7 +134,7 @@ class EncodeClipResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., audio_seconds: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
 
 class AudioTokens(_message.Message):
-    __slots__ = ("session_id", "seq", "window_index", "revision", "token_start", "num_tokens", "hidden_size", "dtype", "data", "num_final", "stream_time_end_seconds", "audio_seq", "end_of_stream")
+    __slots__ = ("session_id", "seq", "window_index", "revision", "token_start", "num_tokens", "hidden_size", "dtype", "data", "num_final", "stream_time_end_seconds", "audio_seq", "end_of_stream", "tentative_start")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     WINDOW_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class AudioTokens(_message.Message):
     STREAM_TIME_END_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_SEQ_FIELD_NUMBER: _ClassVar[int]
     END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    TENTATIVE_START_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     window_index: int
@@ -159,4 +162,5 @@ class AudioTokens(_message.Message):
     stream_time_end_seconds: float
     audio_seq: int
     end_of_stream: bool
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., window_index: _Optional[int] = ..., revision: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., num_final: _Optional[int] = ..., stream_time_end_seconds: _Optional[float] = ..., audio_seq: _Optional[int] = ..., end_of_stream: _Optional[bool] = ...) -> None: ...
+    tentative_start: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., window_index: _Optional[int] = ..., revision: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., num_final: _Optional[int] = ..., stream_time_end_seconds: _Optional[float] = ..., audio_seq: _Optional[int] = ..., end_of_stream: _Optional[bool] = ..., tentative_start: _Optional[int] = ...) -> None: ...
