@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class _Submission:
     jobs: list[EncoderWindow]
     future: Future[list[torch.Tensor]]
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class EncoderBatcher:
@@ -40,6 +41,7 @@ class EncoderBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self._queue: queue.Queue[_Submission] = queue.Queue(maxsize=max_queue)
+        self.wait_s = 0.0  # how long the last batch's oldest submission waited for the device
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, name=f"encoder-batcher-{i}", daemon=True)
@@ -106,6 +108,7 @@ class EncoderBatcher:
     def _execute(self, batch: list[_Submission]) -> None:
         jobs = [j for sub in batch for j in sub.jobs]
         t0 = time.monotonic()
+        self.wait_s = t0 - min(sub.submitted for sub in batch)
         try:
             feats = self.backend.encode(jobs)
         except Exception as e:  # resolve every waiter; the server maps the error

@@ -166,6 +166,7 @@ def start_encoder_server(
         max_sessions=limits.max_sessions,
         tolerance=limits.tentative_tolerance,
         payload_dtype=limits.payload_dtype,
+        max_lag_s=limits.max_lag_seconds,
     )
     server = rpc.make_server()
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(model, sessions), server)

@@ -55,6 +55,9 @@ class EncoderLimits:
     payload_dtype: Annotated[
         str, "audio tokens on the queue: auto (the model's), float32, bfloat16, float16"
     ] = "auto"
+    max_lag_seconds: Annotated[
+        float, "s windows may wait for the device before new sessions are refused (RESOURCE_EXHAUSTED)"
+    ] = 2.0
 
     def __post_init__(self) -> None:
         if (
@@ -121,12 +124,14 @@ class EncoderSessions:
         max_sessions: int = 256,
         tolerance: float = DEFAULT_TOLERANCE,
         payload_dtype: str = "auto",
+        max_lag_s: float = 2.0,
     ) -> None:
         self.model = model
         self.batcher = batcher
         self.publish = publish
         self.max_sessions = max_sessions
         self.tolerance = tolerance
+        self.max_lag_s = max_lag_s
         self.payload_dtype = model.dtype if payload_dtype == "auto" else getattr(torch, payload_dtype)
         self._sessions: dict[str, _State] = {}
         self._lock = threading.Lock()
@@ -149,6 +154,13 @@ class EncoderSessions:
             st = self._sessions.get(sid)
             if st is not None and not st.closed:
                 return st.last_audio_seq, True
+            if not reattach_only and self.batcher.wait_s > self.max_lag_s:
+                metrics.REJECTED_SESSIONS.labels(reason="encoder_behind").inc()
+                raise ResourceExhausted(
+                    f"the encoder is behind (windows wait {self.batcher.wait_s:.1f} s for the device); "
+                    "retry in 5 s",
+                    retry_after=5.0,
+                )
             if reattach_only:
                 raise NotFound(
                     f"encoder session {sid!r} does not exist (the encoder restarted, expired or closed it)"

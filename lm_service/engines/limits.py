@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar
 
 from services.errors import ConfigError
 
-CPU_KV_DEFAULT_MB = 1024  # the KV pool on a CPU when no size is given
+CPU_KV_DEFAULT_MB = 256  # the KV pool on a CPU when no size is given (200k tokens of the demo model)
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class EngineLimits:
     ENV_GROUP: ClassVar[str] = "ENGINE"
 
     kv_memory_fraction: Annotated[float, "fraction of free device memory for the KV pool (CUDA)"] = 0.5
-    kv_cache_mb: Annotated[int, "KV pool size in MiB (0 = the fraction on CUDA, 1024 on a CPU)"] = 0
+    kv_cache_mb: Annotated[int, "KV pool size in MiB (0 = the fraction on CUDA, 256 on a CPU)"] = 0
     block_size: Annotated[int, "tokens per KV block"] = 16
     max_batch_tokens: Annotated[int, "new tokens per step (prefill chunks, decode tokens, drafts)"] = 2048
     max_running: Annotated[int, "sequences decoding at once"] = 256

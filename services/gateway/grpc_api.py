@@ -120,7 +120,9 @@ def encoder_error(e: grpc.RpcError, sid: str, target: str) -> MidashengError:
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(details)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(details)
+        trailers = dict(e.trailing_metadata() or ()) if isinstance(e, grpc.Call) else {}
+        retry_ms = trailers.get(rpc.RETRY_AFTER_MS)
+        return ResourceExhausted(details, retry_after=int(retry_ms) / 1000 if retry_ms else None)
     log.warning("encoder service at %s failed for session %s: %s: %s", target, sid, code.name, details)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unavailable(f"the encoder service did not answer ({code.name})")

@@ -144,3 +144,18 @@ def test_tolerant_publications_hold_what_the_encoder_computed_to_within_the_tole
         )  # as the encoder measures
         assert bool((rel <= 0.05 + 1e-6).all()), rel.max()
     assert skipped > 0  # the tolerance did skip tentative tokens
+
+
+def test_new_sessions_are_refused_while_the_device_is_behind(encoder_model: MiDashengLM) -> None:
+    from services.errors import ResourceExhausted
+
+    batcher = EncoderBatcher(TorchBackend(encoder_model.audio_encoder))
+    sessions = EncoderSessions(encoder_model, batcher, lambda sid, payload: None, max_lag_s=2.0)
+    sessions.open("early")
+    batcher.wait_s = 3.0  # the last batch's windows waited 3 s for the device
+    with pytest.raises(ResourceExhausted, match="behind") as refused:
+        sessions.open("late")
+    assert refused.value.retry_after
+    assert sessions.open("early", reattach_only=True) == (0, True)  # a session it holds stays
+    batcher.wait_s = 0.1
+    sessions.open("late")
