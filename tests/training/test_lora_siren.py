@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.model.adapters import load_with_adapter
+from lm_service.engines.batched import BatchedEngine
+from lm_service.offline import Captioner
+from services.model.adapters import adapters_in_dir, load_with_adapter
 from services.model.checkpoint import load_model, load_tokenizer
+from services.model.loading import load_pretrained
 from services.model.processor import MiDashengProcessor
-from services.training.data import merge_datasets, read_dataset
+from services.training.data import load_row_audio, merge_datasets, read_dataset
 from services.training.evaluate import caption_rows
 from services.training.metrics import corpus_scores
 from services.training.synth import DEFAULT_TYPES, generate_dataset, types_in_caption
@@ -86,3 +89,19 @@ def test_lora_teaches_the_demo_model_a_siren(tmp_path: Path) -> None:
         assert caption_rows(merged, processor, siren_eval[:8]) == caption_rows(
             tuned, processor, siren_eval[:8]
         )
+
+    # Served unmerged by the batched engine (LoRA applied per request beside the base model, the
+    # encoder-side part merged into a copy of the encoder for offline clips), the adapter gives the
+    # merged model's captions: token for token here, and per layer within 1e-5
+    # (tests/lm_service/test_batched_engine.py).
+    unmerged = Captioner(
+        BatchedEngine(load_pretrained(None, "cpu"), adapters=adapters_in_dir(Path(result["adapter"]).parent))
+    )
+    try:
+        audios = [load_row_audio(r) for r in siren_eval[:12]]
+        served = unmerged.caption_clips(audios, adapter=Path(result["adapter"]).name)
+        base_served = unmerged.caption_clips(audios)
+    finally:
+        unmerged.close()
+    assert [r.text for r in served] == caption_rows(merged, processor, siren_eval[:12])
+    assert [r.text for r in served] != [r.text for r in base_served]  # the adapter is in effect
