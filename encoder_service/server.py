@@ -21,6 +21,7 @@ from services.errors import InvalidArgument
 from services.model.modeling import MiDashengLM
 from services.pb.midasheng.v1 import encoder_pb2, encoder_pb2_grpc
 from services.runtime import Periodic
+from services.security import ServerSecurity
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
@@ -138,10 +139,12 @@ def start_encoder_server(
     limits: EncoderLimits | None = None,
     defaults: TransportDefaults | None = None,
     backend: EncoderBackend | None = None,
+    security: ServerSecurity | None = None,
 ) -> EncoderServer:
     """Serve ``model``'s streaming sessions and clips; the encoder itself runs on ``backend``
     (default: :class:`TorchBackend` on ``model.audio_encoder``), which the server closes on stop.
-    ``model`` provides the config, the log-mel frontend and the projector."""
+    ``model`` provides the config, the log-mel frontend and the projector. ``security``: TLS and
+    who may call (default: plaintext, open; for loopback only)."""
     limits = limits or EncoderLimits()
     defaults = defaults or TransportDefaults()
     client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
@@ -168,10 +171,11 @@ def start_encoder_server(
         payload_dtype=limits.payload_dtype,
         max_lag_s=limits.max_lag_seconds,
     )
-    server = rpc.make_server()
+    security = security or ServerSecurity()
+    server = rpc.make_server(interceptors=security.interceptors())
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(model, sessions), server)
     rpc.add_health_and_reflection(server, [SERVICE])
-    port = rpc.bind(server, address)
+    port = rpc.bind(server, address, security.credentials)
     server.start()
     reaper = Periodic("encoder-reaper", 5.0, lambda: sessions.expire_idle(limits.idle_seconds)).start()
     log.info("encoder service listening on port %d (%s backend)", port, batcher.backend.name)

@@ -26,6 +26,7 @@ from services.model.adapters import AdapterResolver, adapters_in_dir
 from services.model.generation import GenerationOptions
 from services.model.loading import load_pretrained
 from services.pb.midasheng.v1 import captions_pb2, lm_pb2, lm_pb2_grpc
+from services.security import ServerSecurity
 from services.transport.keys import TransportDefaults
 from services.wire.settings import encoding_from_pb
 
@@ -223,6 +224,7 @@ def start_lm_server(
     defaults: TransportDefaults | None = None,
     worker_prefix: str | None = None,
     limits: WorkerLimits | None = None,
+    security: ServerSecurity | None = None,
 ) -> LMServer:
     stop = threading.Event()
     lm_workers: list[LMWorker] = []
@@ -237,10 +239,11 @@ def start_lm_server(
             t.start()
             threads.append(t)
     servicer = LMServicer(engine, lm_workers)
-    server = rpc.make_server()
+    security = security or ServerSecurity()
+    server = rpc.make_server(interceptors=security.interceptors())
     lm_pb2_grpc.add_LMServiceServicer_to_server(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE])
-    port = rpc.bind(server, address)
+    port = rpc.bind(server, address, security.credentials)
     server.start()
     log.info("LM service listening on port %d with %d live worker(s)", port, len(lm_workers))
     return LMServer(server, port, servicer, stop, threads)

@@ -44,6 +44,10 @@ class Unauthenticated(MidashengError):
     """A required token is missing or wrong (maps to UNAUTHENTICATED)."""
 
 
+class PermissionDenied(MidashengError):
+    """The caller is known but may not do this (maps to PERMISSION_DENIED)."""
+
+
 class DatasetError(InvalidArgument):
     """A dataset has bad rows; ``problems`` lists (row_number, message) pairs."""
 

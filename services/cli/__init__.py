@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate,
         gateway,
         jobs,
+        keys,
         lm,
         stream,
         synth,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         triton_repo,
         lm,
         jobs,
+        keys,
         adapters,
     ):
         module.add_parser(sub)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from services import config
-from services.cli.common import add_model_flags, add_server_flags
+from services.cli.common import add_model_flags, add_security_flags, add_server_flags, security_from
 from services.metrics import serve_metrics
 from services.runtime import redis_url_from, wait_for_shutdown
 from services.transport.keys import TransportDefaults
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     config.add_flags(p, EncoderLimits)
     config.add_flags(p, TritonSettings)
     config.add_flags(p, TransportDefaults)
+    add_security_flags(p)
     p.set_defaults(func=run)
 
 
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from encoder_service.server import start_encoder_server
     from encoder_service.sessions import EncoderLimits
     from services.model.loading import load_pretrained, pick_device
+    from services.security import server_security
 
+    security = server_security(security_from(args))  # before any weight is loaded: fails fast
     backend: EncoderBackend | None = None
     if args.backend == "triton":
         from encoder_service.backends.triton_backend import TritonBackend, TritonSettings
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         config.from_args(EncoderLimits, args),
         config.from_args(TransportDefaults, args),
         backend=backend,
+        security=security,
     )
     serve_metrics(args.metrics_port)
     print(f"encoder ready on port {srv.port} ({srv.backend.name} backend)", flush=True)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from services import config
-from services.cli.common import add_server_flags
+from services.cli.common import add_security_flags, add_server_flags, security_from
 from services.errors import ConfigError
 from services.gateway.live import GatewayLimits
 from services.gateway.webrtc import WebRtcLimits
@@ -56,8 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="PATH",
         help=f"file holding the access token every call must carry as 'authorization: Bearer TOKEN' "
-        f"(default: ${TOKEN_ENV}; neither = open). Tokens never go on the command line.",
+        f"(tenant 'default'; default: ${TOKEN_ENV}). Prefer --api-keys-file. Tokens never go on the "
+        "command line.",
     )
+    add_security_flags(p, api_keys=True)
     p.set_defaults(func=run)
 
 
@@ -76,22 +78,29 @@ def read_token(path: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from services.gateway.server import start_gateway
+    from services.security import client_credentials, server_security
 
+    settings = security_from(args)
     srv = start_gateway(
         redis_url_from(args.redis_url),
         args.encoder,
         args.lm,
         args.listen,
         config.from_args(GatewayLimits, args),
-        read_token(args.token_file),
+        None,
         max_workers=args.max_workers,
         http_address=args.http,
         ice_servers=args.ice_server,
         webrtc_limits=config.from_args(WebRtcLimits, args),
         defaults=config.from_args(TransportDefaults, args),
+        security=server_security(
+            settings, args.api_keys_file, read_token(args.token_file), service_token=False
+        ),
+        internal=client_credentials(settings),
     )
     serve_metrics(args.metrics_port)
     print(f"gateway ready on port {srv.port}", flush=True)
     if srv.http is not None:
-        print(f"web page on http://{args.http}/ (port {srv.http_port})", flush=True)
+        scheme = "https" if settings.serves_tls else "http"
+        print(f"web page on {scheme}://{args.http}/ (port {srv.http_port})", flush=True)
     return wait_for_shutdown(srv.stop)

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from services import config
+from services.cli.common import add_client_flags, add_security_flags, client_from, security_from
 from services.jobs.store import JobDefaults
 from services.pb.midasheng.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -25,7 +26,7 @@ def _print(msg: object) -> None:
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, jobs_pb2_grpc.JobServiceStub]:
-    channel = grpc.insecure_channel(args.server)
+    channel = client_from(args).channel(args.server)
     return channel, jobs_pb2_grpc.JobServiceStub(channel)
 
 
@@ -110,13 +111,16 @@ def _client(args: argparse.Namespace, stub: jobs_pb2_grpc.JobServiceStub) -> int
 def run_serve(args: argparse.Namespace) -> int:
     from services.jobs.server import start_jobs_server
     from services.runtime import redis_url_from, wait_for_shutdown
+    from services.security import server_security
 
+    security = server_security(security_from(args), args.api_keys_file)
     srv = start_jobs_server(
         redis_url_from(args.redis_url),
         args.listen,
         args.jobs_dir,
         args.base_model,
         defaults=config.from_args(JobDefaults, args),
+        security=security,
     )
     print(f"jobs ready on port {srv.port}", flush=True)
     return wait_for_shutdown(srv.stop)
@@ -153,6 +157,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         a.add_argument(
             "--server", default="127.0.0.1:50071", help="jobs API address (default: 127.0.0.1:50071)"
         )
+        add_client_flags(a)
         a.set_defaults(func=run_client)
         return a
 
@@ -204,6 +209,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--jobs-dir", type=Path, default=None, help="shared jobs directory (informational)")
     s.add_argument("--base-model", default="demo", help="base model of jobs that name none (default: demo)")
     config.add_flags(s, JobDefaults)
+    add_security_flags(s, api_keys=True)
     s.set_defaults(func=run_serve)
 
     wk = sub.add_parser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from services import config
-from services.cli.common import add_model_flags, add_server_flags
+from services.cli.common import add_model_flags, add_security_flags, add_server_flags, security_from
 from services.metrics import serve_metrics
 from services.runtime import redis_url_from, wait_for_shutdown
 from services.transport.keys import TransportDefaults
@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     config.add_flags(p, EngineLimits)
     config.add_flags(p, WorkerLimits)
     config.add_flags(p, TransportDefaults)
+    add_security_flags(p)
     p.set_defaults(func=run)
 
 
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from lm_service.engines.limits import EngineLimits
     from lm_service.server import build_engine, start_lm_server
     from lm_service.worker import WorkerLimits
+    from services.security import server_security
 
+    security = server_security(security_from(args))  # before any weight is loaded: fails fast
     redis_url = redis_url_from(args.redis_url)
     engine = build_engine(
         args.model,
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         defaults=config.from_args(TransportDefaults, args),
         worker_prefix=args.worker_id,
         limits=config.from_args(WorkerLimits, args),
+        security=security,
     )
     serve_metrics(args.metrics_port)
     print(f"lm ready on port {srv.port}", flush=True)

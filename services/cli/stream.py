@@ -13,8 +13,10 @@ import grpc
 import numpy as np
 
 from services.audio.io import decode_audio, float_to_pcm16_bytes
+from services.cli.common import add_client_flags, client_from
 from services.constants import SAMPLE_RATE
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
+from services.security import ClientCredentials
 
 CHUNK_SECONDS = 0.1
 
@@ -49,6 +51,7 @@ def stream_file(
     adapter: str = "",
     token: str | None = None,
     timeout: float | None = None,
+    credentials: ClientCredentials | None = None,
 ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
     audio = decode_audio(path)
     cfg = captions_pb2.SessionConfig(
@@ -61,10 +64,10 @@ def stream_file(
         prompt=prompt,
         adapter=adapter,
     )
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    with grpc.insecure_channel(server) as channel:
+    creds = credentials or ClientCredentials(token=token)
+    with creds.channel(server) as channel:
         stub = captions_pb2_grpc.CaptionServiceStub(channel)
-        yield from stub.StreamCaptions(requests(audio, cfg, speed), metadata=metadata, timeout=timeout)
+        yield from stub.StreamCaptions(requests(audio, cfg, speed), timeout=timeout)
 
 
 def _clock(t: float) -> str:
@@ -90,7 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hop", type=float, default=0.0, help="seconds between updates (default: server's, 2)")
     p.add_argument("--prompt", default="", help="question asked about the audio")
     p.add_argument("--adapter", default="", help="LoRA adapter name")
-    p.add_argument("--token", default=None, help="bearer token when the server requires one")
+    add_client_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per event")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.set_defaults(func=run)
@@ -130,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
             args.hop,
             args.prompt,
             args.adapter,
-            args.token,
+            None,
             args.timeout,
+            client_from(args),
         ):
             print_event(resp, args.json)
     except grpc.RpcError as e:

@@ -6,12 +6,23 @@ gRPC health check; prefixes every child's log lines with its name. With ``--enco
 triton`` it first writes a model repository for the checkpoint's encoder into a temporary
 directory and starts a local ``tritonserver`` on it (from the Triton environment, see
 ``deploy/triton/README.md``), which the encoder then uses.
+
+Security: the encoder and LM always listen on 127.0.0.1 and require a random service token that
+only the children know (``$MIDASHENG_SERVICE_TOKEN``); the private Redis gets a random password;
+Redis URLs reach the children through the environment, never argv, and are printed masked.
+``--host`` (the gateway and the page) beyond loopback is refused unless the gateway has TLS and
+API keys (``--tls-cert``/``--tls-key``, ``--api-keys-file``) or ``--allow-insecure-host`` is given.
+
+Supervision: a child that exits is restarted after a backoff (1 s, doubling, at most 30 s) and the
+restart is logged; one that exits more than ``--max-restarts`` times within ``--restart-window-s``
+stops the whole stack with the reason (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,11 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import redis as redis_lib
+
 from lm_service.engines import DEFAULT_ENGINE, ENGINES
 from services import config
+from services.cli.common import API_KEYS_ENV
+from services.cli.gateway import TOKEN_ENV
 from services.errors import MidashengError
 from services.pb.midasheng.v1 import captions_pb2, encoder_pb2, lm_pb2
 from services.rpc import wait_healthy
+from services.security import SERVICE_TOKEN_ENV, SecurityError, is_loopback, mask_url
 from services.transport.keys import TransportDefaults
 from services.transport.redis_server import PrivateRedis, free_port, start_private_redis
 
@@ -39,29 +55,51 @@ LM_SERVICE = lm_pb2.DESCRIPTOR.services_by_name["LMService"].full_name
 GATEWAY_SERVICE = captions_pb2.DESCRIPTOR.services_by_name["CaptionService"].full_name
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+READY_MARK = " ready on port "  # what every service prints once it serves ("gateway ready on port N")
+MAX_BACKOFF_S = 30.0
 
 
 @dataclass
 class Child:
     name: str
     process: subprocess.Popen[str]
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     thread: threading.Thread | None = None
+    ready: threading.Event = field(default_factory=threading.Event)  # printed its READY_MARK line
+    exits: list[float] = field(default_factory=list)  # monotonic times it exited unasked
+    restart_at: float | None = None  # when a restart is due
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``up`` supervises its children."""
+
+    max_restarts: int = 5  # restarts of one child within window_s; one more exit stops the stack
+    window_s: float = 300.0
+    backoff_s: float = 1.0  # first delay; doubles with each exit in the window, at most MAX_BACKOFF_S
 
 
 @dataclass
 class Stack:
     """Handles to every process of a running local stack."""
 
-    redis_url: str
+    redis_url: str = field(repr=False)  # may hold a password: print redis_url_masked
     gateway: str
     encoder: str
     lm: str
     http: str | None = None
     children: list[Child] = field(default_factory=list)
+    out: object = None  # where the children's lines go
     redis: PrivateRedis | None = None
     triton: LocalTriton | None = None  # with --encoder-backend triton
     triton_repo: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def redis_url_masked(self) -> str:
+        return mask_url(self.redis_url)
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -85,43 +123,133 @@ class Stack:
             self.redis.stop()
 
 
-def _pipe(child: Child, out: object, lock: threading.Lock) -> None:
-    assert child.process.stdout is not None
-    with child.process.stdout:  # closed at the end of the child's output
-        for line in child.process.stdout:
+def _pipe(child: Child, process: subprocess.Popen[str], out: object, lock: threading.Lock) -> None:
+    assert process.stdout is not None
+    with process.stdout:  # closed at the end of the child's output
+        for line in process.stdout:
+            if READY_MARK in line:
+                child.ready.set()
             with lock:
                 print(f"[{child.name}] {line.rstrip()}", file=out, flush=True)  # type: ignore[call-overload]
+
+
+def _start(stack: Stack, child: Child) -> None:
+    """(Re)start ``child``'s process with its arguments and environment; pipe its lines."""
+    child.ready.clear()
+    child.process = subprocess.Popen(
+        [sys.executable, "-m", "services", *child.args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child.env,
+        start_new_session=True,
+    )
+    child.thread = threading.Thread(
+        target=_pipe,
+        args=(child, child.process, stack.out, stack._lock),
+        name=f"log-{child.name}",
+        daemon=True,
+    )
+    child.thread.start()
 
 
 def _spawn(
     stack: Stack, name: str, args: list[str], out: object, env_extra: dict[str, str] | None = None
 ) -> Child:
+    stack.out = out
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    child = Child(name, proc)
-    child.thread = threading.Thread(
-        target=_pipe, args=(child, out, stack._lock), name=f"log-{name}", daemon=True
-    )
-    child.thread.start()
+    child = Child(name, None, list(args), env)  # type: ignore[arg-type]
+    _start(stack, child)
     stack.children.append(child)
     return child
 
 
-def _ready(stack: Stack, child: Child, target: str, service: str) -> None:
+def _ready(stack: Stack, child: Child, target: str, service: str, by_line: bool = False) -> None:
+    """Wait until ``child`` answers its health check or, with ``by_line`` (a TLS gateway whose
+    certificate this process need not be able to verify), until it printed that it serves."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if child.process.poll() is not None:
             raise MidashengError(f"{child.name} exited with code {child.process.returncode} while starting")
-        if wait_healthy(target, service, timeout=1.0):
+        if by_line:
+            if child.ready.wait(1.0):
+                return
+        elif wait_healthy(target, service, timeout=1.0):
             return
     raise MidashengError(f"{child.name} did not become healthy within {READY_TIMEOUT_S:.0f} s")
+
+
+def supervise(stack: Stack, policy: RestartPolicy, now: float | None = None) -> str | None:
+    """One round of supervision: restart children whose backoff is over, schedule a restart for
+    those that exited; returns why the stack must stop (None = keep going)."""
+    now = time.monotonic() if now is None else now
+    if stack.redis is not None and stack.redis.process.poll() is not None:
+        return f"the private redis-server exited with code {stack.redis.process.returncode}; its data is gone"
+    for child in stack.children:
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                child.restart_at = None
+                child.restarts += 1
+                _say(stack, f"restarting {child.name} (restart {child.restarts})")
+                _start(stack, child)
+            continue
+        code = child.process.poll()
+        if code is None:
+            continue
+        child.exits = [t for t in child.exits if now - t < policy.window_s] + [now]
+        if len(child.exits) > policy.max_restarts:
+            return (
+                f"{child.name} exited with code {code}, {len(child.exits)} times within "
+                f"{policy.window_s:.0f} s (at most {policy.max_restarts} restarts); stopping"
+            )
+        delay = min(MAX_BACKOFF_S, policy.backoff_s * 2 ** (len(child.exits) - 1))
+        child.restart_at = now + delay
+        _say(stack, f"{child.name} exited with code {code}; restarting it in {delay:.1f} s")
+    return None
+
+
+def _say(stack: Stack, message: str) -> None:
+    with stack._lock:
+        print(f"midasheng up: {message}", file=stack.out or sys.stderr, flush=True)  # type: ignore[arg-type]
+
+
+def check_exposure(host: str, tls: bool, auth: bool, allow_insecure: bool, out: object = sys.stderr) -> None:
+    """Refuse (or, with ``allow_insecure``, loudly warn about) a gateway beyond loopback that has
+    no TLS or no client authentication."""
+    if is_loopback(host):
+        return
+    missing = [
+        what
+        for what, ok in (("TLS (--tls-cert/--tls-key)", tls), ("API keys (--api-keys-file)", auth))
+        if not ok
+    ]
+    if not missing:
+        return
+    message = f"the gateway would listen on {host} without {' and without '.join(missing)}"
+    if not allow_insecure:
+        raise SecurityError(
+            f"{message}: anyone who reaches it could use it. Configure them, bind 127.0.0.1, or pass "
+            "--allow-insecure-host to accept the risk."
+        )
+    print(
+        f"midasheng up: WARNING: {message} (--allow-insecure-host): anyone who reaches it can use it",
+        file=out,
+        flush=True,
+    )  # type: ignore[call-overload]
+
+
+def protect_private_redis(server: PrivateRedis) -> str:
+    """Give a private redis-server a random password (set over its loopback port right after it
+    started; never on a command line); returns the URL that carries it."""
+    password = secrets.token_urlsafe(24)
+    client = redis_lib.Redis(
+        host="127.0.0.1", port=server.port, socket_timeout=5.0, socket_connect_timeout=5.0
+    )
+    try:
+        client.config_set("requirepass", password)
+    finally:
+        client.close()
+    return f"redis://:{password}@127.0.0.1:{server.port}/0"
 
 
 def _start_triton(stack: Stack, model: str | None, device: str, out: object, triton_env: str | None) -> str:
@@ -158,21 +286,40 @@ def start_stack(
     engine: str = DEFAULT_ENGINE,
     encoder_backend: str = "torch",
     triton_env: str | None = None,
+    tls: tuple[str, str] | None = None,
+    api_keys_file: str | None = None,
+    allow_insecure_host: bool = False,
 ) -> Stack:
     """Start everything and return once every service answers its health check. ``defaults``
     reach every child through the environment (they must agree across processes).
     ``encoder_backend="triton"`` also starts a local Triton for the encoder (``triton_env``: the
-    Triton environment, default ``.venv-triton`` or ``$MIDASHENG_TRITON_ENV``)."""
+    Triton environment, default ``.venv-triton`` or ``$MIDASHENG_TRITON_ENV``).
+
+    Only the gateway (and the page) listen on ``host``; the encoder and LM listen on 127.0.0.1
+    and require a service token made here. ``tls`` (certificate, key) and ``api_keys_file``
+    protect the gateway; beyond loopback they are required unless ``allow_insecure_host``."""
+    auth = bool(api_keys_file or os.environ.get(TOKEN_ENV))
+    check_exposure(host, tls is not None, auth, allow_insecure_host, out)
     redis = None
     if not redis_url:
         redis = start_private_redis()
-        redis_url = redis.url
+        try:
+            redis_url = protect_private_redis(redis)
+        except BaseException:
+            redis.stop()
+            raise
+    internal = "127.0.0.1"
     enc_port, lm_port = free_port(), free_port()
     gw_port = gateway_port or free_port()
-    stack = Stack(redis_url, f"{host}:{gw_port}", f"{host}:{enc_port}", f"{host}:{lm_port}", redis=redis)
+    stack = Stack(
+        redis_url, f"{host}:{gw_port}", f"{internal}:{enc_port}", f"{internal}:{lm_port}", redis=redis
+    )
     model_args = ["--model", model] if model else []
     env = config.to_env(defaults) if defaults is not None else {}
-    service = {"redis": ["--redis-url", redis_url], "device": ["--device", device, *model_args]}
+    env |= {"REDIS_URL": redis_url, SERVICE_TOKEN_ENV: secrets.token_urlsafe(32)}  # never argv
+    service = {"redis": [], "device": ["--device", device, *model_args]}
+    public = ["--tls-cert", tls[0], "--tls-key", tls[1]] if tls else []
+    public += ["--api-keys-file", api_keys_file] if api_keys_file else []
     try:
         enc_args = ["encoder", "--listen", stack.encoder, *service["redis"], *service["device"]]
         if encoder_backend == "triton":
@@ -185,20 +332,20 @@ def start_stack(
         enc = _spawn(stack, "encoder", enc_args, out, env)
         lms = []
         for i in range(lm_processes):
-            target = stack.lm if i == 0 else f"{host}:{free_port()}"
+            target = stack.lm if i == 0 else f"{internal}:{free_port()}"
             args = ["lm", "--listen", target, *service["redis"], "--workers", str(lm_workers)]
             args += ["--worker-id", f"lm{i}", "--engine", engine, *service["device"]]
             lms.append((_spawn(stack, f"lm-{i}", args, out, env), target))
         gw_args = ["gateway", "--listen", stack.gateway, "--encoder", stack.encoder, "--lm", stack.lm]
-        gw_args += [*service["redis"], *(extra_gateway_args or [])]
+        gw_args += [*service["redis"], *public, *(extra_gateway_args or [])]
         if http_port is not None:
             gw_args += ["--http", f"{host}:{http_port}"]
-            stack.http = f"http://{host}:{http_port}/"
+            stack.http = f"{'https' if tls else 'http'}://{host}:{http_port}/"
         gw = _spawn(stack, "gateway", gw_args, out, env)
         _ready(stack, enc, stack.encoder, ENCODER_SERVICE)
         for child, target in lms:
             _ready(stack, child, target, LM_SERVICE)
-        _ready(stack, gw, stack.gateway, GATEWAY_SERVICE)
+        _ready(stack, gw, stack.gateway, GATEWAY_SERVICE, by_line=tls is not None)
     except BaseException:
         stack.stop()
         raise
@@ -244,12 +391,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="the Triton environment (default: $MIDASHENG_TRITON_ENV or .venv-triton in the project)",
     )
+    p.add_argument(
+        "--tls-cert", default=None, metavar="PATH", help="the gateway's TLS certificate chain (PEM)"
+    )
+    p.add_argument("--tls-key", default=None, metavar="PATH", help="the gateway's TLS private key (PEM)")
+    p.add_argument(
+        "--api-keys-file",
+        default=os.environ.get(API_KEYS_ENV) or None,
+        metavar="PATH",
+        help=f"API keys the gateway accepts (see `midasheng keys`; default: ${API_KEYS_ENV})",
+    )
+    p.add_argument(
+        "--allow-insecure-host",
+        action="store_true",
+        help="let --host be a non-loopback address without TLS or API keys (anyone who reaches it can use it)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        help="restarts of one child within --restart-window-s before the stack stops (default: %(default)s)",
+    )
+    p.add_argument(
+        "--restart-window-s",
+        type=float,
+        default=RestartPolicy.window_s,
+        help="see --max-restarts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--restart-backoff-s",
+        type=float,
+        default=RestartPolicy.backoff_s,
+        help="first restart delay, doubling up to 30 s (default: %(default)s)",
+    )
     p.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
     config.add_flags(p, TransportDefaults)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise MidashengError("--tls-cert and --tls-key go together")
+    policy = RestartPolicy(args.max_restarts, args.restart_window_s, args.restart_backoff_s)
     stack = start_stack(
         args.model,
         args.redis_url,
@@ -263,6 +446,9 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
         encoder_backend=args.encoder_backend,
         triton_env=args.triton_env,
+        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        api_keys_file=args.api_keys_file,
+        allow_insecure_host=args.allow_insecure_host,
     )
     lines = [f"midasheng is up: gRPC gateway at {stack.gateway}"]
     if stack.http:
@@ -271,25 +457,23 @@ def run(args: argparse.Namespace) -> int:
         t = stack.triton
         lines.append(f"  triton (encoder): grpc {t.url}, metrics http://{t.host}:{t.metrics_port}/metrics")
     lines.append(f"  stream a file:  midasheng stream FILE --server {stack.gateway}")
-    lines.append(f"  redis: {stack.redis_url}  (Ctrl-C stops everything)")
+    lines.append(f"  redis: {stack.redis_url_masked}  (Ctrl-C stops everything)")
     print("\n".join(lines), flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     deadline = time.monotonic() + args.exit_after if args.exit_after is not None else None
+    code = 0
     try:
         while not done.wait(0.5):
-            dead = [c for c in stack.children if c.process.poll() is not None]
-            if dead:
-                print(
-                    f"midasheng up: {dead[0].name} exited with code {dead[0].process.returncode}; stopping",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            reason = supervise(stack, policy)
+            if reason is not None:
+                print(f"midasheng up: {reason}", file=sys.stderr, flush=True)
+                code = 1
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
         stack.stop()
     print("midasheng up: stopped", flush=True)
-    return 0
+    return code

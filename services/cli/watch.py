@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from services.audio.io import float_to_pcm16_bytes
+from services.cli.common import add_client_flags, client_from
 from services.constants import SAMPLE_RATE
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
 
@@ -172,7 +173,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--loop", action="store_true", help="play a file again and again")
     p.add_argument("--max-reconnects", type=int, default=None, help="give up after this many reopen attempts")
-    p.add_argument("--token", default=None, help="bearer token when the server requires one")
+    add_client_flags(p)
     p.set_defaults(func=run)
 
 
@@ -190,13 +191,12 @@ def run(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         adapter=args.adapter,
     )
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
     from services.cli.stream import print_event
 
     try:
-        with grpc.insecure_channel(args.server) as channel:
+        with client_from(args).channel(args.server) as channel:
             stub = captions_pb2_grpc.CaptionServiceStub(channel)
-            for resp in stub.StreamCaptions(requests(reader, cfg), metadata=metadata):
+            for resp in stub.StreamCaptions(requests(reader, cfg)):
                 print_event(resp)
     except grpc.RpcError as e:
         print(f"midasheng watch: error: {e.code().name}: {e.details()}", file=sys.stderr)

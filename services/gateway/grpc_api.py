@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 
 from services import rpc
-from services.auth import bearer_matches
 from services.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -28,7 +27,6 @@ from services.errors import (
     MidashengError,
     NotFound,
     ResourceExhausted,
-    Unauthenticated,
     Unavailable,
 )
 from services.gateway.live import GatewayLimits, LiveGateway, LiveSession
@@ -39,6 +37,7 @@ from services.pb.midasheng.v1 import (
     encoder_pb2_grpc,
     lm_pb2_grpc,
 )
+from services.security import CAPTION, INSECURE, STREAM, Authenticator, ClientCredentials
 from services.wire.events import CaptionEvent, EndEvent, EndReason, ErrorEvent, Event
 from services.wire.settings import settings_from_pb, settings_to_pb
 
@@ -58,9 +57,11 @@ RPC_TIMEOUT_S = 30.0
 class GrpcEncoderLink:
     """EncoderLink over gRPC with a timeout on every call; its failures become named errors."""
 
-    def __init__(self, target: str, timeout: float = RPC_TIMEOUT_S) -> None:
+    def __init__(
+        self, target: str, timeout: float = RPC_TIMEOUT_S, credentials: ClientCredentials = INSECURE
+    ) -> None:
         self.target = target
-        self.channel = rpc.internal_channel(target)
+        self.channel = rpc.internal_channel(target, credentials)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
         self.timeout = timeout
 
@@ -177,28 +178,23 @@ class _Relay:
 class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     gateway: LiveGateway
     lm_target: str | None = None
-    token: str | None = None
+    auth: Authenticator = field(default_factory=Authenticator)
+    lm_credentials: ClientCredentials = INSECURE
 
     def __post_init__(self) -> None:
-        self._lm_channel = rpc.internal_channel(self.lm_target) if self.lm_target else None
+        self._lm_channel = (
+            rpc.internal_channel(self.lm_target, self.lm_credentials) if self.lm_target else None
+        )
         self._lm = lm_pb2_grpc.LMServiceStub(self._lm_channel) if self._lm_channel else None
 
     def close(self) -> None:
         if self._lm_channel is not None:
             self._lm_channel.close()
 
-    def _check_auth(self, context: grpc.ServicerContext) -> None:
-        if not self.token:
-            return
-        md = dict(context.invocation_metadata())
-        if not bearer_matches(md.get("authorization"), self.token):
-            raise Unauthenticated("a valid 'authorization: Bearer <token>' metadata entry is required")
-
     @rpc.streaming
     def StreamCaptions(
         self, request_iterator: Iterator[captions_pb2.StreamCaptionsRequest], context: grpc.ServicerContext
     ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
-        self._check_auth(context)
         inbox: queue.Queue[object] = queue.Queue(maxsize=REQUEST_QUEUE)
         terminated = threading.Event()
         wake = threading.Event()  # set by the client's messages and by new caption events
@@ -362,15 +358,21 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     def Caption(
         self, request: captions_pb2.CaptionRequest, context: grpc.ServicerContext
     ) -> captions_pb2.CaptionResponse:
-        self._check_auth(context)
         return _forward(self._lm_stub().Caption, request, context)
 
     @rpc.unary
     def BatchCaption(
         self, request: captions_pb2.BatchCaptionRequest, context: grpc.ServicerContext
     ) -> captions_pb2.BatchCaptionResponse:
-        self._check_auth(context)
         return _forward(self._lm_stub().BatchCaption, request, context)
+
+
+# The scope each public method needs (services.security.AuthInterceptor).
+METHOD_SCOPES = {
+    f"/{SERVICE}/StreamCaptions": STREAM,
+    f"/{SERVICE}/Caption": CAPTION,
+    f"/{SERVICE}/BatchCaption": CAPTION,
+}
 
 
 def _forward(method: Callable[..., T], request: object, context: grpc.ServicerContext) -> T:

@@ -24,17 +24,18 @@ from aiohttp import web
 from aiortc import RTCIceServer
 
 from services.audio.subtitles import to_webvtt
-from services.auth import bearer_matches
 from services.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
 from services.gateway.live import CREATED_FIELD, LiveGateway, is_session_id
 from services.gateway.webrtc import WebRtcIngest, WebRtcLimits, ice_server_json
+from services.security import Authenticator, Principal
 from services.transport import keys
 from services.transport.streams import entry_time
 from services.wire.events import CaptionEvent, EndEvent, Event, final_captions, from_fields
@@ -50,6 +51,7 @@ MAX_OFFER_BYTES = 256 * 1024
 START_TIMEOUT_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PRINCIPAL = web.RequestKey("principal", Principal)  # who is calling an /api/ route
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -170,10 +172,10 @@ class SessionReader:
 class HttpApp:
     """Handlers of the web application (one instance per gateway)."""
 
-    def __init__(self, gateway: LiveGateway, ingest: WebRtcIngest, token: str | None) -> None:
+    def __init__(self, gateway: LiveGateway, ingest: WebRtcIngest, auth: Authenticator | None = None) -> None:
         self.gateway = gateway
         self.ingest = ingest
-        self.token = token or None
+        self.auth = auth or Authenticator()
         self.reader = SessionReader(gateway, ingest)
 
     def build(self) -> web.Application:
@@ -194,12 +196,14 @@ class HttpApp:
         """Named errors -> 4xx/503 JSON; anything unexpected -> 500 JSON, logged with a traceback."""
         try:
             if request.path.startswith("/api/"):
-                self._check_auth(request)
+                request[PRINCIPAL] = self._principal(request)
             return await handler(request)
         except Unauthenticated as e:
             resp = _error(401, str(e))
             resp.headers["WWW-Authenticate"] = "Bearer"
             return resp
+        except PermissionDenied as e:
+            return _error(403, str(e))
         except InvalidArgument as e:
             return _error(400, str(e))
         except NotFound as e:
@@ -220,16 +224,16 @@ class HttpApp:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "internal error; see the gateway log")
 
-    def _check_auth(self, request: web.Request) -> None:
-        if not self.token:
-            return
+    def _principal(self, request: web.Request) -> Principal:
         got = request.headers.get("Authorization", "")
-        if not bearer_matches(got, self.token):
-            raise Unauthenticated(
-                "this gateway requires an 'Authorization: Bearer <token>' header"
-                if not got
-                else "the access token is not valid"
-            )
+        try:
+            return self.auth.authenticate({"authorization": got} if got else {}, {})
+        except Unauthenticated as e:
+            if not got:
+                raise Unauthenticated(
+                    "this gateway requires an 'Authorization: Bearer <token>' header"
+                ) from e
+            raise
 
     def page(self, name: str) -> Handler:
         path = STATIC_DIR / name
@@ -338,7 +342,7 @@ def start_http(
     gateway: LiveGateway,
     host: str,
     port: int,
-    token: str | None = None,
+    auth: Authenticator | None = None,
     ice_servers: Sequence[RTCIceServer] | None = None,
     limits: WebRtcLimits | None = None,
 ) -> HttpServer:
@@ -351,7 +355,7 @@ def start_http(
         asyncio.set_event_loop(loop)
         try:
             ingest = WebRtcIngest(gateway, ice_servers or (), limits)
-            runner = web.AppRunner(HttpApp(gateway, ingest, token).build(), access_log=None)
+            runner = web.AppRunner(HttpApp(gateway, ingest, auth).build(), access_log=None)
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, host, port)
             loop.run_until_complete(site.start())

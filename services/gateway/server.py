@@ -9,12 +9,13 @@ import grpc
 import redis
 
 from services import rpc
-from services.gateway.grpc_api import SERVICE, CaptionServicer, GrpcEncoderLink
+from services.gateway.grpc_api import METHOD_SCOPES, SERVICE, CaptionServicer, GrpcEncoderLink
 from services.gateway.http import HttpServer, parse_address, start_http
 from services.gateway.live import GatewayLimits, LiveGateway
 from services.gateway.webrtc import WebRtcLimits, ice_servers_from
 from services.pb.midasheng.v1 import captions_pb2_grpc
 from services.runtime import Periodic
+from services.security import INSECURE, Authenticator, ClientCredentials, ServerSecurity, with_legacy_token
 from services.transport.keys import TransportDefaults
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,25 @@ def start_gateway(
     ice_servers: list[str] | None = None,
     webrtc_limits: WebRtcLimits | None = None,
     defaults: TransportDefaults | None = None,
+    security: ServerSecurity | None = None,
+    internal: ClientCredentials = INSECURE,
 ) -> GatewayServer:
+    """The gateway: public gRPC API on ``address`` (and the web page on ``http_address``).
+
+    ``security``: TLS and who may call (API keys, a client CA); ``token`` is the single access
+    token of older deployments (tenant ``default``); neither = open. ``internal``: how the
+    gateway calls the encoder and LM services (TLS, service token)."""
+    security = security or ServerSecurity(auth=Authenticator())
+    if token:
+        security.auth.api_keys = with_legacy_token(security.auth.api_keys, token)
     client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
-    encoder = GrpcEncoderLink(encoder_target)
+    encoder = GrpcEncoderLink(encoder_target, credentials=internal)
     gateway = LiveGateway(client, encoder, limits, defaults)
-    server = rpc.make_server(max_workers=max_workers)
-    servicer = CaptionServicer(gateway, lm_target, token)
+    server = rpc.make_server(max_workers=max_workers, interceptors=security.interceptors(METHOD_SCOPES))
+    servicer = CaptionServicer(gateway, lm_target, security.auth, internal)
     captions_pb2_grpc.add_CaptionServiceServicer_to_server(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE])
-    port = rpc.bind(server, address)
+    port = rpc.bind(server, address, security.credentials)
     server.start()
     reaper = Periodic("gateway-reaper", 1.0, gateway.reap).start()
     log.info("gateway listening on port %d", port)
@@ -75,7 +86,7 @@ def start_gateway(
             srv.http = start_http(
                 gateway,
                 *parse_address(http_address),
-                token=token,
+                auth=security.auth,
                 ice_servers=ice_servers_from(ice_servers),
                 limits=webrtc_limits,
             )

@@ -24,6 +24,7 @@ from services.jobs.model import (
 )
 from services.jobs.store import JobDefaults, JobStore
 from services.pb.midasheng.v1 import jobs_pb2, jobs_pb2_grpc
+from services.security import JOBS, ServerSecurity
 
 log = logging.getLogger(__name__)
 SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -237,14 +238,16 @@ def start_jobs_server(
     jobs_dir: str | None = None,
     base_model: str = "demo",
     defaults: JobDefaults | None = None,
+    security: ServerSecurity | None = None,
 ) -> JobsServer:
     """Serve JobService (plus health and reflection). ``jobs_dir`` is where workers write; the server
     itself only reads Redis, so it is informational here."""
     api = JobsAPI(JobStore.from_url(redis_url, defaults), default_base_model=base_model)
-    server = rpc.make_server()
+    security = security or ServerSecurity()
+    server = rpc.make_server(interceptors=security.interceptors(default_scope=JOBS))
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(api), server)
     rpc.add_health_and_reflection(server, [SERVICE])
-    port = rpc.bind(server, address)
+    port = rpc.bind(server, address, security.credentials)
     server.start()
     log.info("job service listening on port %d (jobs dir %s)", port, jobs_dir or "-")
     return JobsServer(server, port, api)

@@ -33,13 +33,13 @@ pytestmark = pytest.mark.slow
 
 
 class Up:
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, *extra: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         env["PYTHONUNBUFFERED"] = "1"
         self._log = log.open("w")
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "up", "--port", "0", "--device", "cpu"],
+            [sys.executable, "-m", "services", "up", "--port", "0", "--device", "cpu", *extra],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
