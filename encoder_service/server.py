@@ -23,6 +23,7 @@ from services.pb.midasheng.v1 import encoder_pb2, encoder_pb2_grpc
 from services.runtime import Periodic
 from services.security import ServerSecurity
 from services.transport import keys
+from services.transport.connect import connect
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
 from services.wire.tokens import PAYLOAD_FIELD, tokens_to_bytes
@@ -147,7 +148,7 @@ def start_encoder_server(
     who may call (default: plaintext, open; for loopback only)."""
     limits = limits or EncoderLimits()
     defaults = defaults or TransportDefaults()
-    client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    client = connect(redis_url, socket_timeout=5.0)
     streams = StreamClient(client)
 
     def publish(sid: str, payload: bytes) -> None:

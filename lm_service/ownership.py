@@ -222,15 +222,11 @@ class SessionOwnership:
     def finish(self, session: OwnedSession) -> None:
         """The session ended: leave the active set; its keys expire after ``session_ttl_s`` (the
         caption stream stays readable for downloads and late resumes until then)."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)  # the active set and the session: two slots
         pipe.zrem(keys.ACTIVE_SESSIONS, session.sid)
-        for key in (
-            keys.session_tokens(session.sid),
-            keys.session_captions(session.sid),
-            keys.session_state(session.sid),
-            keys.session_config(session.sid),
-        ):
-            pipe.expire(key, self.defaults.session_ttl_s)
+        for key in keys.session_keys(session.sid):
+            if key != keys.session_lease(session.sid):
+                pipe.expire(key, self.defaults.session_ttl_s)
         pipe.execute()
         self.let_go(session.sid)
 

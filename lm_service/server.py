@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import redis
 
 from lm_service.engines import DEFAULT_ENGINE, make_engine
 from lm_service.engines.base import CaptionEngine, CaptionResult, FinishReason
@@ -27,6 +26,7 @@ from services.model.generation import GenerationOptions
 from services.model.loading import load_pretrained
 from services.pb.midasheng.v1 import captions_pb2, lm_pb2, lm_pb2_grpc
 from services.security import ServerSecurity
+from services.transport.connect import connect
 from services.transport.keys import TransportDefaults
 from services.wire.settings import encoding_from_pb
 
@@ -231,7 +231,7 @@ def start_lm_server(
     threads: list[threading.Thread] = []
     if redis_url:
         for i in range(workers):
-            client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+            client = connect(redis_url, socket_timeout=5.0)
             wid = f"{worker_prefix}-{i}" if worker_prefix else None
             w = LMWorker(client, engine, worker_id=wid, defaults=defaults, limits=limits)
             lm_workers.append(w)

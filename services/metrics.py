@@ -47,6 +47,12 @@ COALESCED = Counter(
 )
 PENDING = Gauge("midasheng_pending_entries", "Entries delivered but not yet acknowledged", ["stream"])
 
+# Redis (services/transport)
+REDIS_UNREPLICATED = Counter(
+    "midasheng_redis_unreplicated_writes_total",
+    "Writes that wait_replicas replicas did not confirm in time (kept on the primary only)",
+)
+
 # Caption engine (batched)
 ENGINE_RUNNING = Gauge("midasheng_engine_running", "Sequences the caption engine is decoding")
 ENGINE_STEP_SECONDS = Histogram(

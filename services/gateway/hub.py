@@ -18,6 +18,7 @@ import redis
 from services import metrics
 from services.errors import InvalidArgument
 from services.transport import keys
+from services.transport.streams import Entry, StreamClient
 from services.wire.events import Event, from_fields
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Subscription:
 class EventHub:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self.streams = StreamClient(client)
         self._subs: dict[str, list[Subscription]] = {}
         self._lock = threading.Lock()
         self._changed = threading.Event()
@@ -103,18 +105,21 @@ class EventHub:
                 self._changed.wait(1.0)
                 self._changed.clear()
                 continue
-            try:
-                reply = self.redis.xread(cursors, count=READ_COUNT, block=READ_BLOCK_MS)
+            try:  # one XREAD (one per hash slot on a Redis Cluster)
+                entries = self.streams.read(cursors, count=READ_COUNT, block_ms=READ_BLOCK_MS)
             except redis.RedisError as e:  # Redis away: subscribers see no events meanwhile
                 log.warning("reading caption streams failed: %s; retrying", e)
                 self._stop.wait(0.5)
                 continue
-            for stream, entries in reply or []:
-                sid = sid_of[stream.decode()]
+            by_stream: dict[str, list[Entry]] = {}
+            for entry in entries:
+                by_stream.setdefault(entry.stream, []).append(entry)
+            for stream, items in by_stream.items():
+                sid = sid_of[stream]
                 events = []
-                for entry_id, fields in entries:
+                for entry in items:
                     try:
-                        events.append(from_fields(entry_id.decode(), fields))
+                        events.append(from_fields(entry.id, {k.encode(): v for k, v in entry.fields.items()}))
                     except InvalidArgument as e:  # no writer makes these: say so, skip it
                         log.error("session %s: skipping caption-stream entry: %s", sid, e)
                 with self._lock:

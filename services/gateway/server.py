@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-import redis
 
 from services import rpc
 from services.gateway.grpc_api import METHOD_SCOPES, SERVICE, CaptionServicer, GrpcEncoderLink
@@ -16,6 +15,7 @@ from services.gateway.webrtc import WebRtcLimits, ice_servers_from
 from services.pb.midasheng.v1 import captions_pb2_grpc
 from services.runtime import Periodic
 from services.security import INSECURE, Authenticator, ClientCredentials, ServerSecurity, with_legacy_token
+from services.transport.connect import connect
 from services.transport.keys import TransportDefaults
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def start_gateway(
     security = security or ServerSecurity(auth=Authenticator())
     if token:
         security.auth.api_keys = with_legacy_token(security.auth.api_keys, token)
-    client = redis.Redis.from_url(redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+    client = connect(redis_url, socket_timeout=10.0)
     encoder = GrpcEncoderLink(encoder_target, credentials=internal)
     gateway = LiveGateway(client, encoder, limits, defaults)
     server = rpc.make_server(max_workers=max_workers, interceptors=security.interceptors(METHOD_SCOPES))

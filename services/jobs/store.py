@@ -29,6 +29,7 @@ from services.errors import ConfigError, InvalidArgument, NotFound
 from services.jobs.model import Adapter, AlreadyExists, EventKind, Job, JobEvent, JobStatus
 from services.model.adapters import AdapterResolver, check_adapter_dir
 from services.model.checkpoint import resolve_model_dir
+from services.transport.connect import connect
 from services.transport.keys import ADAPTERS, JOBS_INDEX, job_events_key, job_key, job_lease_key
 
 
@@ -125,7 +126,7 @@ class JobStore:
     def from_url(cls, url: str, defaults: JobDefaults | None = None) -> JobStore:
         d = defaults or JobDefaults()
         timeout = d.block_ms / 1000 + 5.0
-        return cls(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=5.0), d)
+        return cls(connect(url, socket_timeout=timeout), d)
 
     def close(self) -> None:
         self.client.close()

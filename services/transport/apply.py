@@ -4,6 +4,10 @@
 XADDs, the state update and the XACK happen together or not at all. That is what makes
 "ack only after the effect is durable" and "redelivery is idempotent on (session, seq)" hold
 when a worker dies at any point or two workers briefly believe they own a session.
+
+Every key the script touches (lease, state, acked stream, outputs and their counters) must share
+one hash tag, a session's (``keys.same_slot``): the script is then legal on a Redis Cluster, and a
+key of another slot is refused here on any Redis, so a cross-slot write cannot creep in unseen.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import redis
 from redis.commands.core import Script
 
 from services.errors import InvalidArgument
-from services.transport.keys import COUNTERS
+from services.transport.connect import run_script
+from services.transport.keys import counters_key, same_slot, session_of
 from services.transport.streams import CAPPED_XADD_LUA, FieldValue, as_text, check_maxlen, flatten_fields
 
 
@@ -54,7 +59,7 @@ for k = 5, #KEYS do
   local fields = {}
   for i = pos + 2, pos + 1 + n_fields do fields[#fields + 1] = ARGV[i] end
   pos = pos + 2 + n_fields
-  result[#result + 1] = capped_xadd(KEYS[k], maxlen, KEYS[4], KEYS[k], fields)
+  result[#result + 1] = capped_xadd(KEYS[k], maxlen, KEYS[4], KEYS[k], fields, ARGV[5])
 end
 redis.call('HSET', KEYS[2], unpack(state))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
@@ -90,6 +95,10 @@ def apply_once(
       to ``maxlen`` with drops counted as in ``StreamClient.add``; the state hash gets
       ``last_seq = seq`` plus ``state_updates`` and expires after ``ttl_s``; the entry is acked.
 
+    Every key must be in the lease's slot (one session's keys), else InvalidArgument. With a
+    ``wait_replicas`` policy on the client, an applied write is confirmed by replicas
+    (``services.transport.connect.run_script``).
+
     Returns the status and the ids of the output entries (empty unless applied), in order.
     """
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
@@ -101,11 +110,17 @@ def apply_once(
         raise InvalidArgument("state_updates must not set last_seq; it is set from seq.")
     update_args = flatten_fields(updates) if updates else []
     args: list[Any] = [owner, seq, group, entry_id, ttl_s, len(update_args), *update_args]
-    keys = [lease_key, state_key, ack_stream, COUNTERS]
+    keys = [lease_key, state_key, ack_stream, counters_key(lease_key)]
     for stream, fields, maxlen in outputs:
         check_maxlen(maxlen)
         flat = flatten_fields(fields)
         keys.append(stream)
         args += [maxlen, len(flat), *flat]
-    reply = _APPLY(keys=keys, args=args, client=client)
+    if not same_slot(*keys):
+        raise InvalidArgument(
+            f"apply_once touches keys of several hash slots ({', '.join(keys)}): a script may only "
+            "touch one session's keys (one slot on a Redis Cluster)."
+        )
+    session = session_of(lease_key) or lease_key
+    reply = run_script(client, _APPLY, keys, args, f"apply of session {session} seq {seq}")
     return ApplyStatus(as_text(reply[0])), [as_text(i) for i in reply[1:]]

@@ -1,7 +1,12 @@
 """Redis key names and transport defaults, in one place.
 
 Every key the services touch is built here, under ``PREFIX``. Per-session keys share the
-``mdl:s:<sid>:`` prefix so a session's footprint can be listed (and expired) together.
+``mdl:s:{<sid>}:`` prefix: the braces are a Redis Cluster hash tag, so every key of one session
+(tokens, captions, state, lease, config, counters) lives in one hash slot, and a Lua script or a
+MULTI over them is legal on a Cluster. A job's keys share ``mdl:job:{<id>}`` the same way.
+Scripts touch the keys of one tag only (``same_slot`` checks it, on every Redis, not only on a
+Cluster). Global keys (the active-session set, the dead-letter stream...) are each their own slot
+and are only used by single-key commands.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ LM_WORKERS = f"{PREFIX}:lm:workers"
 """Hash: LM worker id -> its load report (see ``lm_service.ownership.LoadReport``); gateways read it to admit sessions."""
 DEAD_LETTERS = f"{PREFIX}:deadletter"
 """Stream of entries that could not be processed, with the reason (capped)."""
-COUNTERS = f"{PREFIX}:counters"
-"""Hash of counted drops (``dropped:<stream>``) and dead letters (``deadletters``)."""
+COUNTERS_PREFIX = f"{PREFIX}:counters:"
+"""Prefix of the counter hashes (``counters_key``): one per hash tag, ``dropped:<name>`` and
+``deadletters`` fields; ``StreamClient.counters()`` sums them."""
 JOBS_STREAM = f"{PREFIX}:jobs"
 """Stream of training jobs (jobs API -> training workers)."""
 JOB_GROUP = "trainers"
@@ -31,10 +37,46 @@ ADAPTERS = f"{PREFIX}:adapters"
 """Hash of registered adapters: name -> Adapter JSON."""
 
 
+_SESSION_PREFIX = f"{PREFIX}:s:{{"
+
+
 def _session(sid: str, suffix: str) -> str:
-    if not isinstance(sid, str) or not sid or any(ch.isspace() for ch in sid):
-        raise InvalidArgument(f"A session id must be a non-empty string without whitespace, got {sid!r}.")
-    return f"{PREFIX}:s:{sid}:{suffix}"
+    if not isinstance(sid, str) or not sid or any(ch.isspace() or ch in "{}" for ch in sid):
+        raise InvalidArgument(
+            f"A session id must be a non-empty string without whitespace or braces, got {sid!r}."
+        )
+    return f"{_SESSION_PREFIX}{sid}}}:{suffix}"
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` that Redis Cluster hashes to pick its slot: the text between the first
+    ``{`` and the next ``}`` when it is not empty, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def same_slot(*keys: str) -> bool:
+    """True when every key has the same hash tag, so one script or MULTI may touch them all on a
+    Redis Cluster (the rule is checked on every Redis, so a cross-slot script fails in tests)."""
+    return len({hash_tag(k) for k in keys}) <= 1
+
+
+def session_of(key: str) -> str | None:
+    """The session id of a per-session key, else None."""
+    if not key.startswith(_SESSION_PREFIX):
+        return None
+    tag = hash_tag(key)
+    return tag if key.startswith(f"{_SESSION_PREFIX}{tag}}}:") else None
+
+
+def counters_key(key: str) -> str:
+    """Hash of the counters kept beside ``key``, in its slot: drops of a capped stream
+    (``dropped:<name>``) and dead letters. A session's counters expire with the session."""
+    return f"{COUNTERS_PREFIX}{{{hash_tag(key)}}}"
 
 
 def session_tokens(sid: str) -> str:
@@ -62,17 +104,29 @@ def session_config(sid: str) -> str:
     return _session(sid, "config")
 
 
+def session_keys(sid: str) -> tuple[str, ...]:
+    """Every key a session owns (all in one slot), for listing or expiring them together."""
+    return (
+        session_tokens(sid),
+        session_captions(sid),
+        session_state(sid),
+        session_lease(sid),
+        session_config(sid),
+        counters_key(session_tokens(sid)),
+    )
+
+
 def _job(job_id: str, suffix: str = "") -> str:
     if (
         not isinstance(job_id, str)
         or not job_id
         or len(job_id) > 64
-        or any(c.isspace() or c == ":" for c in job_id)
+        or any(c.isspace() or c in ":{}" for c in job_id)
     ):
         raise InvalidArgument(
-            f"A job id must be 1 to 64 characters without whitespace or ':', got {job_id!r}."
+            f"A job id must be 1 to 64 characters without whitespace, ':' or braces, got {job_id!r}."
         )
-    return f"{PREFIX}:job:{job_id}{suffix}"
+    return f"{PREFIX}:job:{{{job_id}}}{suffix}"
 
 
 def job_key(job_id: str) -> str:
@@ -94,8 +148,8 @@ def job_lease_key(job_id: str) -> str:
 class TransportDefaults:
     """Caps, TTLs and timeouts of the Redis transport; every number carries its unit.
 
-    Streams are trimmed exactly at their ``*_maxlen`` and each trimmed entry is counted in
-    ``COUNTERS``. ``heartbeat_ms`` must be shorter than ``lease_ttl_ms`` so that a live worker
+    Streams are trimmed exactly at their ``*_maxlen`` and each trimmed entry is counted in the
+    stream's ``counters_key``. ``heartbeat_ms`` must be shorter than ``lease_ttl_ms`` so that a live worker
     renews before its lease expires. An entry delivered more than ``max_deliveries`` times is
     dead-lettered.
     """
@@ -122,3 +176,68 @@ class TransportDefaults:
                 f"TransportDefaults.heartbeat_ms ({self.heartbeat_ms}) must be shorter than "
                 f"lease_ttl_ms ({self.lease_ttl_ms}), or a live owner would lose its lease."
             )
+
+
+# --- monitoring (rules, alerts, clips, history) ---
+
+_MONITOR_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+ANONYMOUS_TENANT_SEGMENT = "~"
+"""Key segment of the anonymous tenant (""); ``~`` is not a tenant-name character, so it cannot
+collide with a named tenant."""
+
+
+def monitor_name_ok(name: str) -> bool:
+    """Whether ``name`` matches ``^[A-Za-z0-9._-]{1,64}$`` (tenants, rule, question and alert ids)."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and all(c in _MONITOR_NAME_CHARS for c in name)
+
+
+def _tenant(tenant: str, suffix: str) -> str:
+    if tenant == "":
+        segment = ANONYMOUS_TENANT_SEGMENT
+    elif monitor_name_ok(tenant):
+        segment = tenant
+    else:
+        raise InvalidArgument(f"A tenant must match ^[A-Za-z0-9._-]{{1,64}}$ (or be empty), got {tenant!r}.")
+    return f"{PREFIX}:t:{{{segment}}}:{suffix}"
+
+
+def monitor_rules(tenant: str) -> str:
+    """Hash of a tenant's monitoring rules: rule id -> rule JSON."""
+    return _tenant(tenant, "rules")
+
+
+def monitor_rules_version(tenant: str) -> str:
+    """Counter bumped on every change of the tenant's rules (INCR)."""
+    return _tenant(tenant, "rules:version")
+
+
+def monitor_webhook_secret(tenant: str) -> str:
+    """String: the secret that signs the tenant's webhook deliveries."""
+    return _tenant(tenant, "webhook:secret")
+
+
+def monitor_webhook_deadletters(tenant: str) -> str:
+    """Capped stream of the tenant's webhook deliveries that failed for good."""
+    return _tenant(tenant, "webhook:deadletter")
+
+
+def monitor_clips(tenant: str) -> str:
+    """Sorted set indexing the tenant's alert clips: alert id -> stored at, unix milliseconds."""
+    return _tenant(tenant, "clips")
+
+
+def monitor_clip_prefix(tenant: str) -> str:
+    """Prefix of the tenant's clip keys (``monitor_clip`` = prefix + alert id), for eviction scripts."""
+    return _tenant(tenant, "clip:")
+
+
+def monitor_clip(tenant: str, alert_id: str) -> str:
+    """String with TTL: one alert's audio clip, a 16-bit mono WAV file."""
+    if not monitor_name_ok(alert_id):
+        raise InvalidArgument(f"An alert id must match ^[A-Za-z0-9._-]{{1,64}}$, got {alert_id!r}.")
+    return monitor_clip_prefix(tenant) + alert_id
+
+
+def monitor_history(tenant: str) -> str:
+    """Sorted set of the tenant's caption/answer/alert history: entry JSON -> wall time, unix ms."""
+    return _tenant(tenant, "history")

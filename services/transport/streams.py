@@ -4,11 +4,16 @@ Delivery is at-least-once: an entry stays in the group's pending-entries list (P
 acked; a consumer that restarts reads its own pending entries first, and entries idle longer than
 ``claim_min_idle_ms`` (their consumer died) are claimed by another consumer. Redis counts every
 delivery; an entry delivered more than ``max_deliveries`` times goes to ``DEAD_LETTERS``.
+
+Every script here touches the keys of one hash slot (a stream and its ``counters_key``), so all of
+it works on a Redis Cluster too. Reads over several streams (``read_group``, ``read_streams``)
+are one command on a single server; on a Cluster, one per hash slot (see ``read_streams``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,48 +22,51 @@ import redis
 from redis.client import NEVER_DECODE
 
 from services.errors import InvalidArgument
-from services.transport.keys import COUNTERS, DEAD_LETTERS, TransportDefaults
+from services.transport.connect import is_cluster, run_script, slot_groups
+from services.transport.keys import (
+    COUNTERS_PREFIX,
+    DEAD_LETTERS,
+    TransportDefaults,
+    counters_key,
+    session_of,
+)
 
 log = logging.getLogger(__name__)
 
 FieldValue = bytes | str | int | float
 
 CAPPED_XADD_LUA = """
--- XADD trimmed exactly to maxlen; the number of trimmed entries is added to the counters hash
--- under 'dropped:<counter>', so that no drop is silent.
-local function capped_xadd(stream, maxlen, counters, counter, fields)
+-- XADD trimmed exactly to maxlen; the number of trimmed entries is added to the stream's counters
+-- hash (same slot) under 'dropped:<counter>', so that no drop is silent. ttl > 0: the counters
+-- expire with the session.
+local function capped_xadd(stream, maxlen, counters, counter, fields, ttl)
   local before = redis.call('XLEN', stream)
   local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', unpack(fields))
   local dropped = before + 1 - redis.call('XLEN', stream)
   if dropped > 0 then
     redis.call('HINCRBY', counters, 'dropped:' .. counter, dropped)
+    if tonumber(ttl) > 0 then redis.call('EXPIRE', counters, ttl) end
   end
   return id
 end
 """
-"""Lua function ``capped_xadd(stream, maxlen, counters, counter, fields)``, shared with apply.py."""
+"""Lua function ``capped_xadd(stream, maxlen, counters, counter, fields, ttl)``, shared with apply.py."""
 
 _ADD_LUA = (
     CAPPED_XADD_LUA
     + """
+-- KEYS: stream, its counters; ARGV: maxlen, counter name, counters ttl, field pairs...
+-- ARGV[4] = 'deadletters': also count one dead letter (the dead-letter stream's own add).
 local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-return capped_xadd(KEYS[1], ARGV[1], KEYS[2], ARGV[2], fields)
-"""
-)
-
-_DEAD_LETTER_LUA = (
-    CAPPED_XADD_LUA
-    + """
--- KEYS: dead-letter stream, counters, original stream; ARGV: maxlen, group, id, record pairs...
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = capped_xadd(KEYS[1], ARGV[1], KEYS[2], KEYS[1], fields)
-redis.call('HINCRBY', KEYS[2], 'deadletters', 1)
-redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = capped_xadd(KEYS[1], ARGV[1], KEYS[2], ARGV[2], fields, ARGV[3])
+if ARGV[4] == 'deadletters' then redis.call('HINCRBY', KEYS[2], 'deadletters', 1) end
 return id
 """
 )
+_BYTES: dict[str, Any] = {NEVER_DECODE: True}  # values stay bytes even on a decoding client
+CLUSTER_POLL_S = 0.02
+"""On a Cluster, a blocking read over streams of several slots polls them every this many seconds."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,8 @@ def check_maxlen(maxlen: int) -> None:
 
 
 def parse_autoclaim(stream: str, reply: Sequence[Any]) -> tuple[str, list[Entry], list[str]]:
-    """Parse a raw XAUTOCLAIM reply into (next start id, claimed entries, deleted ids).
+    """Parse an XAUTOCLAIM reply (raw, or parsed by redis-py) into (next start id, claimed
+    entries, deleted ids).
 
     Redis 7 replies ``[next, entries, deleted_ids]`` and drops deleted entries from the PEL.
     Redis 6.2 replies ``[next, entries]``; an entry deleted from the stream shows up there as
@@ -134,7 +143,7 @@ def parse_autoclaim(stream: str, reply: Sequence[Any]) -> tuple[str, list[Entry]
     entries: list[Entry] = []
     deleted = [as_text(i) for i in reply[2]] if len(reply) == 3 and reply[2] else []
     for item in reply[1] or []:
-        if item is None:
+        if item is None or item[0] is None:  # raw nil, or redis-py's parsed (None, None)
             continue
         if item[1] is None:
             deleted.append(as_text(item[0]))
@@ -144,7 +153,8 @@ def parse_autoclaim(stream: str, reply: Sequence[Any]) -> tuple[str, list[Entry]
 
 
 def parse_read(reply: Any) -> list[Entry]:
-    """Parse a raw XREAD/XREADGROUP reply (RESP2 list or RESP3 map; nil on timeout)."""
+    """Parse an XREAD/XREADGROUP reply: raw (RESP2 list or RESP3 map; nil on timeout) or as
+    redis-py's RESP2 callbacks leave it (``[[stream, [(id, {field: value})...]]]``)."""
     if not reply:
         return []
     pairs = reply.items() if isinstance(reply, Mapping) else reply
@@ -155,35 +165,114 @@ def parse_read(reply: Any) -> list[Entry]:
     ]
 
 
+def _pending_rows(reply: Any) -> list[tuple[str, int]]:
+    """(entry id, deliveries) of an XPENDING range reply: raw rows or redis-py's dicts."""
+    rows = []
+    for row in reply or []:
+        if isinstance(row, Mapping):
+            rows.append((as_text(row["message_id"]), int(row["times_delivered"])))
+        else:
+            rows.append((as_text(row[0]), int(row[3])))
+    return rows
+
+
+def _read_args(
+    streams: Mapping[str, str], count: int, block_ms: int | None, group: tuple[str, str] | None
+) -> list[Any]:
+    args: list[Any] = ["XREADGROUP", "GROUP", *group] if group else ["XREAD"]
+    args += ["COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", block_ms]
+    return [*args, "STREAMS", *streams.keys(), *streams.values()]
+
+
+def _check_block(block_ms: int | None) -> None:
+    if block_ms is not None and (isinstance(block_ms, bool) or block_ms <= 0):
+        raise InvalidArgument(
+            f"block_ms must be a positive number of milliseconds or None, got {block_ms!r}."
+        )
+
+
+def read_streams(
+    client: Any,
+    raw: Any,
+    streams: Mapping[str, str],
+    count: int = 100,
+    block_ms: int | None = 200,
+    group: tuple[str, str] | None = None,
+) -> list[Entry]:
+    """XREAD (or, with ``group=(group, consumer)``, XREADGROUP) of several streams from the given
+    ids, waiting at most ``block_ms`` (None = not at all) for the first entry. ``raw``: a client
+    without reply callbacks on ``client``'s pool (``StreamClient`` has one), or ``client`` itself.
+
+    On a single server (or Sentinel) this is one command. On a Redis Cluster a command may only
+    name keys of one hash slot: streams of one slot are still one blocking command, streams of
+    several slots are read with one non-blocking command per slot, pipelined (redis-py sends each
+    node its commands together), every ``CLUSTER_POLL_S`` until something arrives or ``block_ms``
+    has passed. That costs Redis one command per slot per poll while idle, which is why a gateway
+    or LM worker with many sessions on a Cluster sends more commands than on a single server
+    (``docs/deploy.md``)."""
+    _check_block(block_ms)
+    if not streams:
+        raise InvalidArgument("a read needs at least one stream.")
+    if not is_cluster(client):
+        return parse_read(raw.execute_command(*_read_args(streams, count, block_ms, group), **_BYTES))
+    groups = slot_groups(client, list(streams))
+    if len(groups) == 1:
+        return parse_read(client.execute_command(*_read_args(streams, count, block_ms, group), **_BYTES))
+    deadline = time.monotonic() + (block_ms or 0) / 1000
+    while True:
+        pipe = client.pipeline(transaction=False)
+        for keys in groups:
+            pipe.execute_command(*_read_args({k: streams[k] for k in keys}, count, None, group))
+        entries = [e for reply in pipe.execute() for e in parse_read(reply)]
+        left = deadline - time.monotonic()
+        if entries or left <= 0:
+            return entries
+        time.sleep(min(CLUSTER_POLL_S, left))
+
+
 class StreamClient:
-    """Typed Redis Streams operations over a ``redis.Redis`` client (composition, not inheritance).
+    """Typed Redis Streams operations over a redis-py client (composition, not inheritance): a
+    ``redis.Redis`` (one server, Sentinel) or a ``redis.cluster.RedisCluster``.
 
     Replies are parsed here rather than by redis-py's callbacks, so the result types are the same
-    for RESP2 and RESP3 and whatever ``decode_responses`` the given client uses.
+    for RESP2 and RESP3 and whatever ``decode_responses`` the given client uses. On a Cluster,
+    redis-py's RESP2 callbacks run (its per-node clients are its own) and the parsers here accept
+    their shapes too; a Cluster client must use RESP2 and not decode responses (``connect`` makes
+    such clients).
     """
 
     def __init__(self, client: redis.Redis, defaults: TransportDefaults | None = None) -> None:
         self.client = client
         self.defaults = defaults or TransportDefaults()
+        self.cluster = is_cluster(client)
         # Shares the connection pool; with no reply callbacks we see exactly what the server sent.
-        self._raw = redis.Redis(connection_pool=client.connection_pool)
-        self._raw.response_callbacks.clear()
+        self._raw: Any = client
+        if not self.cluster:
+            self._raw = redis.Redis(connection_pool=client.connection_pool)
+            self._raw.response_callbacks.clear()
         self._add = client.register_script(_ADD_LUA)
-        self._dead_letter = client.register_script(_DEAD_LETTER_LUA)
 
     def _call(self, *args: Any) -> Any:
-        return self._raw.execute_command(*args, **{NEVER_DECODE: True})
+        return self._raw.execute_command(*args, **_BYTES)
+
+    def _counter_ttl(self, stream: str) -> int:
+        return self.defaults.session_ttl_s if session_of(stream) else 0
 
     def add(
         self, stream: str, fields: Mapping[str, FieldValue], maxlen: int, counter: str | None = None
     ) -> str:
         """Append an entry, trimming the stream to exactly ``maxlen`` entries; return its id.
 
-        Trimmed entries are counted atomically in ``COUNTERS`` under ``dropped:<counter or stream>``.
+        Trimmed entries are counted atomically in the stream's ``counters_key`` under
+        ``dropped:<counter or stream>``. With a ``wait_replicas`` policy on the client
+        (``services.transport.connect``) the add is confirmed by that many replicas.
         """
         check_maxlen(maxlen)
-        args = [maxlen, counter or stream, *flatten_fields(fields)]
-        return as_text(self._add(keys=[stream, COUNTERS], args=args))
+        args = [maxlen, counter or stream, self._counter_ttl(stream), "", *flatten_fields(fields)]
+        keys = [stream, counters_key(stream)]
+        return as_text(run_script(self.client, self._add, keys, args, f"XADD {stream}"))
 
     def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
         """Create the consumer group (and the stream) unless it exists; ``start`` "0" = all history."""
@@ -204,19 +293,18 @@ class StreamClient:
         """XREADGROUP: per stream, id "0" = this consumer's pending entries, ">" = new entries.
 
         Blocks at most ``block_ms`` (None = do not block); waiting forever is not offered. The
-        client's socket timeout must exceed ``block_ms``.
+        client's socket timeout must exceed ``block_ms``. Streams of several Cluster slots are
+        read as ``read_streams`` says.
         """
-        if block_ms is not None and (isinstance(block_ms, bool) or block_ms <= 0):
-            raise InvalidArgument(
-                f"block_ms must be a positive number of milliseconds or None, got {block_ms!r}."
-            )
+        _check_block(block_ms)
         if not streams:
             raise InvalidArgument("read_group needs at least one stream.")
-        args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
-        if block_ms is not None:
-            args += ["BLOCK", block_ms]
-        args += ["STREAMS", *streams.keys(), *streams.values()]
-        return parse_read(self._call(*args))
+        return read_streams(self.client, self._raw, streams, count, block_ms, group=(group, consumer))
+
+    def read(self, streams: Mapping[str, str], count: int = 100, block_ms: int | None = 200) -> list[Entry]:
+        """XREAD of several streams after the given ids, waiting at most ``block_ms`` (None = not
+        at all); slot-safe on a Cluster (``read_streams``)."""
+        return read_streams(self.client, self._raw, streams, count, block_ms)
 
     def autoclaim(
         self, stream: str, group: str, consumer: str, min_idle_ms: int, start: str = "0-0", count: int = 100
@@ -236,12 +324,11 @@ class StreamClient:
             return {}
         pipe = self._raw.pipeline(transaction=False)
         for entry_id in ids:
-            pipe.execute_command("XPENDING", stream, group, entry_id, entry_id, 1)
-        counts: dict[str, int] = {}
-        for reply in pipe.execute():
-            for entry_id, _consumer, _idle_ms, deliveries in reply or []:
-                counts[as_text(entry_id)] = int(deliveries)
-        return counts
+            if self.cluster:  # redis-py parses the reply of its own XPENDING range call only
+                pipe.xpending_range(stream, group, entry_id, entry_id, 1)
+            else:
+                pipe.execute_command("XPENDING", stream, group, entry_id, entry_id, 1)
+        return {i: n for reply in pipe.execute() for i, n in _pending_rows(reply)}
 
     def ack(self, stream: str, group: str, *ids: str) -> int:
         """XACK; returns how many of ``ids`` were pending."""
@@ -250,10 +337,13 @@ class StreamClient:
         return int(self._call("XACK", stream, group, *ids))
 
     def dead_letter(self, stream: str, group: str, entry: Entry, reason: str, deliveries: int) -> str:
-        """Atomically record ``entry`` in ``DEAD_LETTERS``, count it, and ack the original.
+        """Record ``entry`` in ``DEAD_LETTERS`` (counted there), then ack the original.
 
-        The record holds ``stream``, ``id``, ``group``, ``reason``, ``deliveries`` and the original
-        fields under ``f:<name>``. Returns the dead-letter entry id.
+        Two commands, because the dead-letter stream and the original stream are in different
+        slots on a Cluster: a crash between them leaves the entry pending, so it is redelivered and
+        dead-lettered again (a dead letter may be recorded twice; none is lost). The record holds
+        ``stream``, ``id``, ``group``, ``reason``, ``deliveries`` and the original fields under
+        ``f:<name>``. Returns the dead-letter entry id.
         """
         record: dict[str, FieldValue] = {
             "stream": stream,
@@ -263,14 +353,27 @@ class StreamClient:
             "deliveries": deliveries,
         }
         record.update({f"f:{name}": value for name, value in entry.fields.items()})
-        args = [self.defaults.deadletter_maxlen, group, entry.id, *flatten_fields(record)]
-        return as_text(self._dead_letter(keys=[DEAD_LETTERS, COUNTERS, stream], args=args))
+        maxlen = self.defaults.deadletter_maxlen
+        args = [maxlen, DEAD_LETTERS, 0, "deadletters", *flatten_fields(record)]
+        keys = [DEAD_LETTERS, counters_key(DEAD_LETTERS)]
+        dl_id = as_text(run_script(self.client, self._add, keys, args, f"dead letter of {stream}"))
+        self.ack(stream, group, entry.id)
+        return dl_id
 
-    def counters(self) -> dict[str, int]:
-        """The drop and dead-letter counters (``dropped:<stream>``, ``deadletters``)."""
-        reply = self._call("HGETALL", COUNTERS)
-        items = reply.items() if isinstance(reply, Mapping) else zip(reply[::2], reply[1::2], strict=True)
-        return {as_text(k): int(v) for k, v in items}
+    def counters(self, key: str | None = None) -> dict[str, int]:
+        """Drop and dead-letter counters (``dropped:<name>``, ``deadletters``): of ``key``'s slot
+        (a session's, the dead-letter stream's...), or summed over every counters hash."""
+        if key is not None:
+            names = [counters_key(key)]
+        else:
+            names = [as_text(k) for k in self.client.scan_iter(match=f"{COUNTERS_PREFIX}*", count=1000)]
+        totals: dict[str, int] = {}
+        for name in names:
+            reply = self._call("HGETALL", name)
+            items = reply.items() if isinstance(reply, Mapping) else zip(reply[::2], reply[1::2], strict=True)
+            for k, v in items:
+                totals[as_text(k)] = totals.get(as_text(k), 0) + int(v)
+        return totals
 
 
 class Consumer:

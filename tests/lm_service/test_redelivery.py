@@ -228,7 +228,7 @@ def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
     assert dead[0][1]["f:pb"] == b"\xff\xfe garbage \x00\x01"
     assert b"unparseable" in dead[0][1]["reason"], dead[0][1]["reason"]
     assert b"someone-else" in dead[1][1]["reason"], dead[1][1]["reason"]
-    assert int(client.hget(keys.COUNTERS, "deadletters") or 0) == 2
+    assert StreamClient(client).counters(keys.DEAD_LETTERS).get("deadletters") == 2
 
     evs = events(client)
     errors = [e for e in evs if e.get("type") == "error"]

@@ -17,6 +17,7 @@ SID = "s1"
 TOKENS, CAPTIONS = keys.session_tokens(SID), keys.session_captions(SID)
 LEASE, STATE = keys.session_lease(SID), keys.session_state(SID)
 GROUP = "lm"
+OTHER = "mdl:s:{s1}:other"  # another stream of the same session (same hash slot)
 
 
 @pytest.fixture
@@ -100,11 +101,26 @@ def test_several_outputs_and_bad_arguments(sc: StreamClient, client: redis.Redis
         ack_stream=TOKENS,
         group=GROUP,
         entry_id=deliver(sc, 1),
-        outputs=[(CAPTIONS, {"a": 1}, 10), ("mdl:other", {"b": b"2"}, 10)],
+        outputs=[(CAPTIONS, {"a": 1}, 10), (OTHER, {"b": b"2"}, 10)],
         ttl_s=60,
     )
     assert status == ApplyStatus.APPLIED and len(ids) == 2
-    assert client.xrange("mdl:other")[0][0].decode() == ids[1]
+    assert client.xrange(OTHER)[0][0].decode() == ids[1]
+    # A key of another slot (another session, a global stream) is refused before anything runs.
+    with pytest.raises(InvalidArgument, match="several hash slots"):
+        apply_once(
+            client,
+            lease_key=LEASE,
+            owner="w1",
+            state_key=STATE,
+            seq=2,
+            ack_stream=TOKENS,
+            group=GROUP,
+            entry_id=deliver(sc, 2),
+            outputs=[(keys.session_captions("s2"), {"a": 1}, 10)],
+            ttl_s=60,
+        )
+    assert client.hget(STATE, "last_seq") == b"1"
     with pytest.raises(InvalidArgument, match="last_seq"):
         apply(client, "0-1", 2, state_updates={"last_seq": 9})
     with pytest.raises(InvalidArgument, match="seq"):

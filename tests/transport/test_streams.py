@@ -9,7 +9,7 @@ import redis
 
 from services.errors import InvalidArgument
 from services.transport import keys
-from services.transport.keys import COUNTERS, DEAD_LETTERS, TransportDefaults
+from services.transport.keys import DEAD_LETTERS, TransportDefaults
 from services.transport.streams import Consumer, Entry, StreamClient, parse_autoclaim, parse_read
 
 IDLE_MS = 250
@@ -32,13 +32,25 @@ def wait_idle() -> None:
 
 
 def test_keys_and_defaults_validation() -> None:
-    assert keys.session_tokens("abc") == "mdl:s:abc:tokens"
-    assert keys.session_captions("abc") == "mdl:s:abc:captions"
-    assert keys.session_state("abc") == "mdl:s:abc:state"
-    assert keys.session_lease("abc") == "mdl:s:abc:lease"
-    assert keys.session_config("abc") == "mdl:s:abc:config"
-    with pytest.raises(ValueError, match="session id"):
-        keys.session_tokens("")
+    # Cluster hash tags: every key of a session (and its counters) is in the session's slot.
+    assert keys.session_tokens("abc") == "mdl:s:{abc}:tokens"
+    assert keys.session_captions("abc") == "mdl:s:{abc}:captions"
+    assert keys.session_state("abc") == "mdl:s:{abc}:state"
+    assert keys.session_lease("abc") == "mdl:s:{abc}:lease"
+    assert keys.session_config("abc") == "mdl:s:{abc}:config"
+    assert keys.counters_key(keys.session_tokens("abc")) == "mdl:counters:{abc}"
+    assert keys.same_slot(*keys.session_keys("abc")) and len(keys.session_keys("abc")) == 6
+    assert not keys.same_slot(keys.session_state("abc"), keys.session_state("abd"))
+    assert keys.session_of(keys.session_lease("a-1")) == "a-1" and keys.session_of(DEAD_LETTERS) is None
+    assert keys.job_key("j1") == "mdl:job:{j1}" and keys.same_slot(
+        keys.job_key("j1"), keys.job_events_key("j1"), keys.job_lease_key("j1")
+    )
+    assert keys.hash_tag("a{}b") == "a{}b" and keys.hash_tag("x{y}z{w}") == "y"
+    for bad in ("", "a b", "a{b", "a}b"):
+        with pytest.raises(ValueError, match="session id"):
+            keys.session_tokens(bad)
+    with pytest.raises(ValueError, match="job id"):
+        keys.job_key("{j}")
     with pytest.raises(ValueError, match="heartbeat_ms"):
         TransportDefaults(heartbeat_ms=3000, lease_ttl_ms=3000)
     with pytest.raises(ValueError, match="block_ms must be a positive integer"):
@@ -148,7 +160,7 @@ def test_fail_poison_dead_letters_at_once_and_plain_fail_retries(
     record = dict(client.xrange(DEAD_LETTERS))[dl_id.encode()]
     assert record[b"reason"] == b"unparseable payload"
     assert record[b"id"] == bad.encode() and record[b"deliveries"] == b"1"
-    assert client.hget(COUNTERS, "deadletters") == b"1"
+    assert sc.counters(DEAD_LETTERS) == {"deadletters": 1}
     wait_idle()
     assert [e.id for e in c.poll()] == [flaky]  # retried after claim_min_idle_ms
 
