@@ -178,8 +178,20 @@ class LMWorker:
             for work in self.in_flight.values():
                 for f in work.futures:
                     f.cancel()
+            self.release_all()
             self.ownership.heartbeat.stop(timeout=2.0)
             self.ownership.withdraw_report()
+
+    def release_all(self) -> None:
+        """Hand every owned session over now (on a clean stop, e.g. SIGTERM): its lease is released,
+        so another worker's next adoption scan takes it within a second instead of after the lease
+        TTL; unapplied publications stay pending for it."""
+        for sid in list(self.sessions):
+            try:
+                self.ownership.let_go(sid)
+            except redis.RedisError as e:  # taken over once the lease runs out instead
+                log.warning("could not release session %s on stop: %s", sid, e)
+        self.in_flight.clear()
 
     # --- one publication --------------------------------------------------------------------------
 

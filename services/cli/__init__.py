@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         encoder,
         evaluate,
         gateway,
+        health,
         jobs,
         keys,
         lm,
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         jobs,
         keys,
         adapters,
+        health,
     ):
         module.add_parser(sub)
     return parser

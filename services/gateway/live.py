@@ -67,6 +67,9 @@ class GatewayLimits:
     max_channels: Annotated[int, "audio channels a client may send"] = MAX_CHANNELS
     lm_admission: Annotated[bool, "refuse new streams while every LM worker is full or behind"] = True
     retry_after_seconds: Annotated[float, "s a refused client is told to wait before trying again"] = 5.0
+    drain_seconds: Annotated[
+        float, "s open streams get to finish when the gateway stops (SIGTERM); new ones are refused"
+    ] = 30.0
 
 
 def check_limits(settings: StreamSettings, limits: GatewayLimits) -> None:

@@ -35,7 +35,11 @@ class GatewayServer:
     def http_port(self) -> int | None:
         return self.http.port if self.http else None
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop: new calls are refused at once (health checks fail, so balancers move
+        on), open streams get ``grace`` seconds (default ``GatewayLimits.drain_seconds``) to end;
+        a stream cut then can be resumed through another gateway."""
+        grace = self.gateway.limits.drain_seconds if grace is None else grace
         if self.http is not None:
             self.http.stop()  # closes WebRTC peers (finalizing their sessions) while the encoder link is up
         self._reaper.stop()
