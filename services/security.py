@@ -22,7 +22,6 @@ handshake happens before any method is known). Secrets are compared with
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -39,6 +38,19 @@ from typing import Annotated, Any, ClassVar
 import grpc
 
 from services.errors import ConfigError, MidashengError, PermissionDenied, Unauthenticated
+from services.principal import (
+    ADMIN,
+    ANONYMOUS,
+    CAPTION,
+    JOBS,
+    MONITOR,
+    SCOPES,
+    SERVICE,
+    STREAM,
+    Principal,
+    secret_hash,
+    secret_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,52 +58,22 @@ SERVICE_TOKEN_ENV = "MIDASHENG_SERVICE_TOKEN"  # the token every tier shares (in
 API_KEY_ENV = "MIDASHENG_API_KEY"  # a client's API key (midasheng stream/watch/jobs)
 AUTH_HEADER = "authorization"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable without credentials
-
-# Scopes of an API key. ``admin`` implies every other one.
-STREAM, CAPTION, MONITOR, JOBS, ADMIN = "stream", "caption", "monitor", "jobs", "admin"
-SCOPES = (STREAM, CAPTION, MONITOR, JOBS, ADMIN)
 KEY_PREFIX = "mdk_"
+__all__ = [
+    "ADMIN",
+    "ANONYMOUS",
+    "CAPTION",
+    "JOBS",
+    "MONITOR",
+    "SCOPES",
+    "SERVICE",
+    "STREAM",
+    "Principal",
+    "secret_hash",
+    "secret_matches",
+]
+
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: a tenant (API key), another tier (service token or certificate), or nobody
-    in particular (an open server)."""
-
-    name: str  # tenant, certificate name, "service", or "" (anonymous)
-    scopes: frozenset[str]
-    kind: str  # "anonymous", "api_key", "service", "certificate"
-
-    def allows(self, scope: str | None) -> bool:
-        return scope is None or ADMIN in self.scopes or scope in self.scopes
-
-    @property
-    def is_admin(self) -> bool:
-        return ADMIN in self.scopes
-
-    @property
-    def authenticated(self) -> bool:
-        return self.kind != "anonymous"
-
-    @property
-    def tenant(self) -> str:
-        """The tenant a session or job belongs to ("" for anonymous callers)."""
-        return self.name if self.authenticated else ""
-
-
-ANONYMOUS = Principal("", frozenset(s for s in SCOPES if s != ADMIN), "anonymous")
-SERVICE = Principal("service", frozenset({ADMIN}), "service")
-
-
-def secret_hash(secret: str) -> str:
-    """SHA-256 hex of a secret (what is stored instead of API keys and session secrets)."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def secret_matches(secret: str, stored_hash: str) -> bool:
-    """Whether ``secret`` hashes to ``stored_hash`` (constant-time comparison of the hashes)."""
-    return bool(secret) and bool(stored_hash) and hmac.compare_digest(secret_hash(secret), stored_hash)
 
 
 def bearer_token(header: str | None) -> str | None:

@@ -219,11 +219,12 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         if first.WhichOneof("request") != "config":
             raise FailedPrecondition("the first message of StreamCaptions must be a SessionConfig")
         cfg = first.config
+        principal = self.auth.principal(context)
         if cfg.session_id:  # resume: replay events after resume_after_event_id (all when empty)
-            session = self.gateway.resume(cfg.session_id)
+            session = self.gateway.resume(cfg.session_id, cfg.resume_secret, principal)
             cursor = cfg.resume_after_event_id or "0-0"
         else:
-            session = self.gateway.create(settings_from_pb(cfg))
+            session = self.gateway.create(settings_from_pb(cfg), tenant=principal.tenant)
             cursor = "0-0"
         generation = session.generation
         yield captions_pb2.StreamCaptionsResponse(
@@ -233,6 +234,7 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                 limits=limits_pb(limits),
                 resumed=session.resumed,
                 last_seq=session.audio_seq,
+                resume_secret="" if cfg.session_id else session.secret,
             )
         )
         yield from self._relay(session, inbox, cursor, context, generation, wake)

@@ -33,8 +33,9 @@ from services.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.live import CREATED_FIELD, LiveGateway, is_session_id
+from services.gateway.live import CREATED_FIELD, TENANT_FIELD, LiveGateway, is_session_id
 from services.gateway.webrtc import WebRtcIngest, WebRtcLimits, ice_server_json
+from services.principal import MONITOR, STREAM
 from services.security import Authenticator, Principal
 from services.transport import keys
 from services.transport.streams import entry_time
@@ -48,6 +49,7 @@ MAX_LISTED_SESSIONS = 200  # /api/sessions shows at most this many active sessio
 RECENT_SECONDS = 60.0  # ended sessions stay on the monitoring view this long
 LATEST_SCAN = 50  # newest caption-stream entries read per session to find its latest caption
 MAX_OFFER_BYTES = 256 * 1024
+SECRET_HEADER = "X-Resume-Secret"  # a session's resume secret, for its downloads
 START_TIMEOUT_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -135,7 +137,9 @@ class SessionReader:
             "ended_at": self._ended.get(sid),
         }
 
-    def sessions(self) -> dict[str, Any]:
+    def sessions(self, principal: Principal) -> dict[str, Any]:
+        """Active and recently ended sessions that ``principal`` may see: all for an admin, else
+        those of its tenant."""
         now = time.time()
         raw = cast(list[bytes], self.redis.zrevrange(keys.ACTIVE_SESSIONS, 0, MAX_LISTED_SESSIONS - 1))
         active = [r.decode() for r in raw]
@@ -161,6 +165,8 @@ class SessionReader:
             config, entries = _decode(res[2 * i]), res[2 * i + 1]
             if not config and not entries:
                 continue  # expired
+            if not principal.is_admin and config.get(TENANT_FIELD, "") != principal.tenant:
+                continue  # someone else's
             out.append(self.summary(sid, config, entries, now, active=i < len(active)))
         return {
             "now": now,
@@ -224,6 +230,13 @@ class HttpApp:
             log.exception("%s %s failed", request.method, request.path)
             return _error(500, "internal error; see the gateway log")
 
+    @staticmethod
+    def _require(request: web.Request, scope: str) -> Principal:
+        principal = request[PRINCIPAL]
+        if not principal.allows(scope):
+            raise PermissionDenied(f"these credentials lack the {scope!r} scope")
+        return principal
+
     def _principal(self, request: web.Request) -> Principal:
         got = request.headers.get("Authorization", "")
         try:
@@ -248,9 +261,12 @@ class HttpApp:
 
     async def config(self, request: web.Request) -> web.Response:
         lim = self.gateway.limits
+        authenticated = request[PRINCIPAL].authenticated  # TURN credentials only for them
         return web.json_response(
             {
-                "ice_servers": [ice_server_json(s) for s in self.ingest.ice_servers],
+                "ice_servers": [
+                    ice_server_json(s) for s in self.ingest.ice_servers if authenticated or not s.credential
+                ],
                 "defaults": session_to_json(SessionSettings()),
                 "limits": {
                     "max_prompt_chars": lim.max_prompt_chars,
@@ -261,6 +277,7 @@ class HttpApp:
         )
 
     async def offer(self, request: web.Request) -> web.Response:
+        principal = self._require(request, STREAM)
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError) as e:
@@ -272,20 +289,32 @@ class HttpApp:
             raise InvalidArgument("'sdp' and 'type' must be strings")
         settings = settings_from_json(body.get("config"))
         try:
-            answer, answer_type, sid = await asyncio.wait_for(
-                self.ingest.offer(sdp, kind, settings), START_TIMEOUT_S
+            answer, answer_type, sid, secret = await asyncio.wait_for(
+                self.ingest.offer(sdp, kind, settings, principal.tenant), START_TIMEOUT_S
             )
         except TimeoutError as e:
             raise ResourceExhausted(f"the session could not be started within {START_TIMEOUT_S:.0f} s") from e
-        return web.json_response({"sdp": answer, "type": answer_type, "session_id": sid})
+        return web.json_response(
+            {"sdp": answer, "type": answer_type, "session_id": sid, "resume_secret": secret}
+        )
 
     async def sessions(self, request: web.Request) -> web.Response:
-        data = await asyncio.get_running_loop().run_in_executor(None, self.reader.sessions)
+        principal = self._require(request, MONITOR)
+        data = await asyncio.get_running_loop().run_in_executor(None, self.reader.sessions, principal)
         return web.json_response(data, headers={"Cache-Control": "no-store"})
 
     async def _events(self, request: web.Request) -> list[Event]:
+        """A session's events, for its owner, an admin, or whoever sends its secret
+        (``X-Resume-Secret``)."""
         sid = request.match_info["sid"]
-        return await asyncio.get_running_loop().run_in_executor(None, self.reader.all_events, sid)
+        principal, secret = request[PRINCIPAL], request.headers.get(SECRET_HEADER, "")
+
+        def read() -> list[Event]:
+            events = self.reader.all_events(sid)  # NOT_FOUND first: an unknown id is not a secret
+            self.gateway.check_read(sid, principal, secret)
+            return events
+
+        return await asyncio.get_running_loop().run_in_executor(None, read)
 
     async def captions_vtt(self, request: web.Request) -> web.Response:
         events = await self._events(request)

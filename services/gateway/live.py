@@ -9,6 +9,7 @@ which doubles as the resume cursor.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -22,8 +23,17 @@ import redis
 from services import metrics
 from services.audio.pcm import MAX_CHANNELS, MAX_RATE, MIN_RATE, PcmConverter
 from services.constants import SAMPLE_RATE
-from services.errors import FailedPrecondition, InvalidArgument, MidashengError, NotFound, ResourceExhausted
+from services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MidashengError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.gateway.hub import EventHub, Subscription
+from services.principal import ANONYMOUS, Principal, may_read, may_resume, secret_hash
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
@@ -37,6 +47,10 @@ ENDED_FIELD = "ended"  # "1" once the encoder has the end: a resume only replays
 LAST_SEQ_FIELD = "last_seq"  # the last audio seq, written with ENDED_FIELD
 ABANDONED_FIELD = "abandoned"  # why the session cannot go on (its encoder state is gone)
 CREATED_FIELD = "created"  # unix time the session was created; claims the session id
+SECRET_FIELD = "secret_sha256"  # SHA-256 of the session's resume secret (never the secret)
+TENANT_FIELD = "tenant"  # the tenant that created the session ("" = an open gateway's caller)
+ENCODER_FIELD = "encoder"  # the encoder address of the gateway that created it (who holds its audio)
+MAX_SECRET_CHARS = 128
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 MAX_SESSION_ID = 64
 
@@ -123,10 +137,15 @@ class LiveSession:
         settings: StreamSettings,
         audio_seq: int = 0,
         resumed: bool = False,
+        tenant: str = "",
+        secret_hash: str = "",
     ) -> None:
         self.gateway = gateway
         self.sid = sid
         self.settings = settings
+        self.tenant = tenant  # who owns the session
+        self.secret_hash = secret_hash
+        self.secret = ""  # the resume secret, known only to the call that created the session
         self.converter = PcmConverter(settings.sample_rate, settings.encoding, settings.channels)
         self.audio_seq = audio_seq
         self.resumed = resumed
@@ -265,8 +284,16 @@ class LiveGateway:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, settings: StreamSettings, session_id: str = "") -> LiveSession:
-        """Register a new session in Redis and open its encoder session (no lock held over RPCs)."""
+    @property
+    def encoder_name(self) -> str:
+        """The encoder this gateway pushes to (recorded with each session it creates)."""
+        return str(getattr(self.encoder, "target", ""))
+
+    def create(self, settings: StreamSettings, session_id: str = "", tenant: str = "") -> LiveSession:
+        """Register a new session in Redis and open its encoder session (no lock held over RPCs).
+
+        The session belongs to ``tenant`` and gets a random resume secret (``session.secret``,
+        returned to its client once; only its hash is stored)."""
         check_limits(settings, self.limits)
         sid = session_id or uuid.uuid4().hex
         if not is_session_id(sid):
@@ -280,7 +307,13 @@ class LiveGateway:
                 )
         if self.limits.lm_admission:
             self._check_lm_capacity()
-        cfg = settings_to_hash(settings) | {CREATED_FIELD: f"{time.time():.3f}"}
+        secret = secrets.token_urlsafe(24)
+        cfg = settings_to_hash(settings) | {
+            CREATED_FIELD: f"{time.time():.3f}",
+            SECRET_FIELD: secret_hash(secret),
+            TENANT_FIELD: tenant,
+            ENCODER_FIELD: self.encoder_name,
+        }
         if not self.redis.hsetnx(
             keys.session_config(sid), CREATED_FIELD, cfg[CREATED_FIELD]
         ):  # claims the id
@@ -296,7 +329,8 @@ class LiveGateway:
             raise
         # Only now do LM workers see it: a session without an encoder session would wait forever.
         self.redis.zadd(keys.ACTIVE_SESSIONS, {sid: int(time.time() * 1000)})
-        session = LiveSession(self, sid, settings)
+        session = LiveSession(self, sid, settings, tenant=tenant, secret_hash=cfg[SECRET_FIELD])
+        session.secret = secret
         with self._lock:
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
@@ -335,17 +369,44 @@ class LiveGateway:
             retry_after=wait,
         )
 
-    def resume(self, sid: str) -> LiveSession:
+    def owner(self, sid: str, fields: dict[str, str] | None = None) -> tuple[str, str]:
+        """(tenant, secret hash) of a session, from this gateway's memory or its config hash."""
+        with self._lock:
+            known = self._sessions.get(sid)
+        if known is not None:
+            return known.tenant, known.secret_hash
+        if fields is None:
+            raw = self.redis.hmget(keys.session_config(sid), [TENANT_FIELD, SECRET_FIELD])
+            fields = {TENANT_FIELD: (raw[0] or b"").decode(), SECRET_FIELD: (raw[1] or b"").decode()}
+        return fields.get(TENANT_FIELD, ""), fields.get(SECRET_FIELD, "")
+
+    def check_read(self, sid: str, principal: Principal, secret: str = "") -> None:
+        """PermissionDenied unless ``principal`` may read the session (see ``may_read``)."""
+        tenant, stored = self.owner(sid)
+        if not may_read(principal, tenant, stored, secret[:MAX_SECRET_CHARS]):
+            raise PermissionDenied(f"session {sid} belongs to someone else; its resume secret is needed")
+
+    def resume(self, sid: str, secret: str = "", principal: Principal = ANONYMOUS) -> LiveSession:
         """Reattach to a session after a dropped connection (this gateway or another).
 
-        A session still taking audio must still be held by the encoder (else FAILED_PRECONDITION:
-        its audio state is gone); a finalized one takes no more audio and only replays its events."""
+        The caller must hold the session's resume secret, or be of its tenant, or an admin
+        (PERMISSION_DENIED otherwise). A session still taking audio must still be held by the
+        encoder: when this gateway's encoder is the one that created it and has lost it, its audio
+        state is gone (FAILED_PRECONDITION, the session is abandoned); when another encoder holds
+        it, UNAVAILABLE (reconnect to the gateway that serves it) and the session is left alone. A
+        finalized session takes no more audio and only replays its events."""
         with self._lock:
             known = self._sessions.get(sid)
         raw = self.redis.hgetall(keys.session_config(sid))
         if known is None and not raw:
             raise NotFound(f"session {sid} does not exist or has expired")
         fields = {k.decode(): v.decode() for k, v in raw.items()}
+        tenant, stored = self.owner(sid, fields)
+        if not may_resume(principal, tenant, stored, secret[:MAX_SECRET_CHARS]):
+            log.warning("refused a resume of session %s without its secret (caller %r)", sid, principal.name)
+            raise PermissionDenied(
+                f"resuming session {sid} needs its resume_secret (SessionStarted.resume_secret)"
+            )
         if fields.get(ABANDONED_FIELD):
             raise FailedPrecondition(
                 f"session {sid} can no longer be resumed: {fields[ABANDONED_FIELD]}; start a new session"
@@ -359,6 +420,13 @@ class LiveGateway:
             try:
                 last_seq, _ = self.encoder.open(sid, settings.session.hop_seconds, reattach_only=True)
             except NotFound as e:
+                holder = fields.get(ENCODER_FIELD, "")
+                if known is None and holder and holder != self.encoder_name:
+                    # Another gateway's encoder holds it: not this gateway's to give up on.
+                    raise Unavailable(
+                        f"session {sid} is served by another gateway and its encoder; reconnect to "
+                        "that gateway to resume it"
+                    ) from e
                 # The encoder restarted or expired the session: its publications would restart at
                 # seq 1 and never reach the captions.
                 reason = "the encoder lost its audio state"
@@ -375,7 +443,9 @@ class LiveGateway:
                 s.generation += 1
                 s.touch()
                 return s
-            session = LiveSession(self, sid, settings, audio_seq=last_seq, resumed=True)
+            session = LiveSession(
+                self, sid, settings, audio_seq=last_seq, resumed=True, tenant=tenant, secret_hash=stored
+            )
             session.ended = ended
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))

@@ -413,8 +413,11 @@ class WebRtcIngest:
                 return p.session
         return None
 
-    async def offer(self, sdp: str, kind: str, settings: StreamSettings) -> tuple[str, str, str]:
-        """Answer one browser offer; returns (answer sdp, type, session id).
+    async def offer(
+        self, sdp: str, kind: str, settings: StreamSettings, tenant: str = ""
+    ) -> tuple[str, str, str, str]:
+        """Answer one browser offer for ``tenant``; returns (answer sdp, type, session id, the
+        session's resume secret).
 
         Raises InvalidArgument for a bad offer or settings, ResourceExhausted at capacity.
         """
@@ -434,7 +437,7 @@ class WebRtcIngest:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             except Exception as e:  # aiortc raises ValueError and friends for malformed SDP
                 raise InvalidArgument(f"the SDP offer could not be used: {e}") from e
-            peer.session = await loop.run_in_executor(self.pool, self.gateway.create, settings, "")
+            peer.session = await loop.run_in_executor(self.pool, self.gateway.create, settings, "", tenant)
             self.peers.add(peer)
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
@@ -448,7 +451,7 @@ class WebRtcIngest:
         peer.spawn(peer.feed_loop(), "feed")
         peer.spawn(peer.watchdog(), "watchdog")
         local = pc.localDescription
-        return local.sdp, local.type, peer.sid
+        return local.sdp, local.type, peer.sid, peer.session.secret
 
     def _wire(self, peer: Peer) -> None:
         pc = peer.pc

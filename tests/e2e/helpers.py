@@ -28,10 +28,25 @@ def clip(parts: Sequence[tuple[str, float]], seed: int = 0) -> np.ndarray:
     )
 
 
+# Resume secrets of the sessions the tests started (session id -> SessionStarted.resume_secret):
+# config(session_id=...) sends the session's secret, as a real client keeps it with the id.
+SECRETS: dict[str, str] = {}
+
+
+def remember(resp: captions_pb2.StreamCaptionsResponse) -> captions_pb2.StreamCaptionsResponse:
+    """Keep the resume secret of a ``started`` response (returned unchanged)."""
+    if resp.WhichOneof("response") == "started" and resp.started.resume_secret:
+        SECRETS[resp.started.session_id] = resp.started.resume_secret
+    return resp
+
+
 def config(**kw: object) -> captions_pb2.StreamCaptionsRequest:
     base: dict[str, object] = dict(
         sample_rate_hz=SR, encoding=captions_pb2.LINEAR16, channels=1, interim_results=True
     )
+    sid = kw.get("session_id")
+    if isinstance(sid, str) and sid in SECRETS and "resume_secret" not in kw:
+        base["resume_secret"] = SECRETS[sid]
     base.update(kw)
     return captions_pb2.StreamCaptionsRequest(config=captions_pb2.SessionConfig(**base))  # type: ignore[arg-type]
 
@@ -143,7 +158,7 @@ def collect(call: Iterator[captions_pb2.StreamCaptionsResponse]) -> Collected:
     out = Collected()
     try:
         for r in call:
-            out.responses.append(r)
+            out.responses.append(remember(r))
     except grpc.RpcError as e:
         out.error = e
     return out

@@ -27,6 +27,7 @@ from tests.e2e.helpers import (
     collect,
     config,
     pcm_chunks,
+    remember,
     requests_for,
 )
 
@@ -47,7 +48,7 @@ def test_encoder_outage_mid_stream_is_reported_and_recovered_from(
         config(window_seconds=2.0, hop_seconds=1.0), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:30])]
     )
     call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
-    sid = next(call).started.session_id
+    sid = remember(next(call)).started.session_id
     first = next(call)  # the pipeline runs: a caption for the audio sent so far
     assert first.WhichOneof("response") == "caption", first
 

@@ -19,6 +19,7 @@ from services.training.synth import types_in_caption
 from services.transport import keys
 from tests.e2e.conftest import LiveStack
 from tests.e2e.helpers import (
+    SECRETS,
     STREAM_TIMEOUT_S,
     Feeder,
     audio_req,
@@ -28,6 +29,7 @@ from tests.e2e.helpers import (
     control,
     event_key,
     pcm_chunks,
+    remember,
 )
 
 FIRST_PART_CHUNKS = 120  # 12 s sent before the drop
@@ -46,7 +48,7 @@ def first_connection(stack: LiveStack, chunks: list[bytes], min_captions: int = 
     feeder.put(config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:FIRST_PART_CHUNKS])])
     call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
     seen: list[str] = []
-    first = next(call)
+    first = remember(next(call))
     assert first.WhichOneof("response") == "started"
     sid = first.started.session_id
     for resp in call:
@@ -163,7 +165,7 @@ def test_old_call_ending_after_a_resume_does_not_reap_the_resumed_session(
     old = Feeder()
     old.put(config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks[:50])])
     call1 = stack.stub.StreamCaptions(iter(old), timeout=STREAM_TIMEOUT_S)
-    first = next(call1)
+    first = remember(next(call1))
     sid = first.started.session_id
     cursor = ""
     for resp in call1:  # read one caption so the first 50 chunks are in
@@ -212,7 +214,7 @@ def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(
         config(), *[audio_req(d, i + 1) for i, d in enumerate(chunks)], control(captions_pb2.Control.FINALIZE)
     )
     call = stack.stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
-    sid = next(call).started.session_id
+    sid = remember(next(call)).started.session_id
     seen: list[str] = []
     for resp in call:
         if resp.WhichOneof("response") == "caption":
@@ -243,7 +245,7 @@ def test_a_finalized_session_can_be_resumed_for_the_events_it_missed(
 
     # It takes no more audio (asked of the gateway directly: over the stream, the replay of the
     # end can finish the call before a late chunk is looked at).
-    resumed = stack.gateway.gateway.resume(sid)
+    resumed = stack.gateway.gateway.resume(sid, SECRETS[sid])
     assert resumed.ended
     with pytest.raises(FailedPrecondition, match="finalized"):
         resumed.feed(chunks[0], len(chunks) + 2)

@@ -60,6 +60,7 @@ from tests.e2e.helpers import (
     collect,
     config,
     pcm_chunks,
+    remember,
     requests_for,
 )
 
@@ -406,7 +407,7 @@ def test_triton_outage_mid_stream_then_resume_without_restarting_the_encoder(
             *[audio_req(d, i + 1) for i, d in enumerate(chunks[:30])],
         )
         call = stub.StreamCaptions(iter(feeder), timeout=STREAM_TIMEOUT_S)
-        sid = next(call).started.session_id
+        sid = remember(next(call)).started.session_id
         assert next(call).WhichOneof("response") == "caption"  # captions flow through Triton
 
         before = retries()

@@ -25,6 +25,7 @@ from services.security import (
     client_credentials,
     server_security,
 )
+from tests.e2e.conftest import make_stack  # the open in-process stack, for tests here too
 from tests.security.certs import Pki, make_pki
 
 SERVICE_TOKEN = "service-token-for-tests-0123456789"
@@ -106,6 +107,10 @@ class SecureStack:
     def target(self) -> str:
         return f"127.0.0.1:{self.gateway.port}"
 
+    @property
+    def web(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.http_port}"
+
     def stub(
         self, key: str | None, credentials: ClientCredentials | None = None
     ) -> captions_pb2_grpc.CaptionServiceStub:
@@ -134,7 +139,9 @@ def make_secure_stack(
     mutual TLS and/or the service token, a TLS gateway that requires API keys (``keys``)."""
     stacks: list[SecureStack] = []
 
-    def make(mtls: bool = True, token: bool = True, limits: GatewayLimits | None = None) -> SecureStack:
+    def make(
+        mtls: bool = True, token: bool = True, limits: GatewayLimits | None = None, http: bool = False
+    ) -> SecureStack:
         tier = server_security(tier_settings(pki, tmp_path, mtls, token))
         enc = start_encoder_server(encoder_model, redis_url, security=tier)
         lm = start_lm_server(engine, redis_url, workers=1, worker_prefix="lm", security=tier)
@@ -146,6 +153,7 @@ def make_secure_stack(
             limits=limits,
             security=server_security(gw_settings, str(keys.path), service_token=False),
             internal=client_credentials(gw_settings),
+            http_address="127.0.0.1:0" if http else None,
         )
         stack = SecureStack(enc, lm, gw, pki)
         stacks.append(stack)
@@ -156,4 +164,4 @@ def make_secure_stack(
         s.stop()
 
 
-__all__ = ["INSECURE", "SERVICE_TOKEN", "Keys", "SecureStack"]
+__all__ = ["INSECURE", "SERVICE_TOKEN", "Keys", "SecureStack", "make_stack"]

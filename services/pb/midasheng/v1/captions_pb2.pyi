@@ -38,7 +38,7 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("sample_rate_hz", "encoding", "channels", "prompt", "window_seconds", "hop_seconds", "interim_results", "adapter", "language", "session_id", "resume_after_event_id", "max_new_tokens", "interim_window")
+    __slots__ = ("sample_rate_hz", "encoding", "channels", "prompt", "window_seconds", "hop_seconds", "interim_results", "adapter", "language", "session_id", "resume_after_event_id", "max_new_tokens", "interim_window", "resume_secret")
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class SessionConfig(_message.Message):
     RESUME_AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INTERIM_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
     sample_rate_hz: int
     encoding: AudioEncoding
     channels: int
@@ -65,7 +66,8 @@ class SessionConfig(_message.Message):
     resume_after_event_id: str
     max_new_tokens: int
     interim_window: InterimWindow
-    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., prompt: _Optional[str] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_after_event_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., interim_window: _Optional[_Union[InterimWindow, str]] = ...) -> None: ...
+    resume_secret: str
+    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., prompt: _Optional[str] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_after_event_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., interim_window: _Optional[_Union[InterimWindow, str]] = ..., resume_secret: _Optional[str] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data", "seq")
@@ -126,18 +128,20 @@ class ServerLimits(_message.Message):
     def __init__(self, max_chunk_bytes: _Optional[int] = ..., max_session_seconds: _Optional[float] = ..., max_buffered_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., resume_retention_seconds: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_channels: _Optional[int] = ..., min_sample_rate_hz: _Optional[int] = ..., max_sample_rate_hz: _Optional[int] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "effective_config", "limits", "resumed", "last_seq")
+    __slots__ = ("session_id", "effective_config", "limits", "resumed", "last_seq", "resume_secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     effective_config: SessionConfig
     limits: ServerLimits
     resumed: bool
     last_seq: int
-    def __init__(self, session_id: _Optional[str] = ..., effective_config: _Optional[_Union[SessionConfig, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., resumed: _Optional[bool] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    resume_secret: str
+    def __init__(self, session_id: _Optional[str] = ..., effective_config: _Optional[_Union[SessionConfig, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., resumed: _Optional[bool] = ..., last_seq: _Optional[int] = ..., resume_secret: _Optional[str] = ...) -> None: ...
 
 class CaptionEvent(_message.Message):
     __slots__ = ("event_id", "segment_id", "revision", "window_start_seconds", "window_end_seconds", "text", "is_final", "audio_processed_seconds", "adapter")
