@@ -111,6 +111,7 @@ class _State:
     closed: bool = False
     unsent: _Unsent | None = None
     sent_tentative: torch.Tensor | None = None  # what the LM holds for [final_published, ...), as sent
+    last_push: tuple[int, int, int] = (0, 0, 0)  # first seq, last seq, samples of the last applied push
     touched: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -204,11 +205,21 @@ class EncoderSessions:
                 raise InvalidArgument(f"first_seq {first_seq} is after seq {audio_seq}")
             if audio_seq and first > st.last_audio_seq + 1:
                 raise InvalidArgument(f"audio seq {first} skips ahead of {st.last_audio_seq + 1}")
+            push_first, applied = first, 0
             if audio_seq and first <= st.last_audio_seq:
-                raise InvalidArgument(
-                    f"audio chunks {first}..{audio_seq} overlap chunk {st.last_audio_seq}, applied"
-                )
+                prev_first, prev_last, prev_samples = st.last_push
+                if not (
+                    first == prev_first and prev_last == st.last_audio_seq and samples.size > prev_samples
+                ):
+                    raise InvalidArgument(
+                        f"audio chunks {first}..{audio_seq} overlap chunk {st.last_audio_seq}, applied"
+                    )
+                # The last push, resent with more chunks: it failed after its audio was applied
+                # (its publication could not reach Redis). Only the new chunks are appended.
+                applied = prev_samples
+                samples = samples[prev_samples:]
             st.last_audio_seq = audio_seq or st.last_audio_seq + 1
+            st.last_push = (push_first, st.last_audio_seq, applied + samples.size)
             if samples.size:
                 st.stream.push(samples)
             if end_of_stream:
