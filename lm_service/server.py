@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import grpc
 import numpy as np
@@ -19,8 +22,13 @@ from lm_service.worker import LMWorker, WorkerLimits
 from services import rpc
 from services.audio.io import decode_audio
 from services.audio.pcm import pcm_to_mono16k
-from services.constants import DEFAULT_OFFLINE_MAX_NEW_TOKENS, DEFAULT_PROMPT, SAMPLE_RATE
-from services.errors import InvalidArgument
+from services.constants import (
+    DEFAULT_OFFLINE_MAX_NEW_TOKENS,
+    DEFAULT_PROMPT,
+    MAX_CLIP_SECONDS,
+    SAMPLE_RATE,
+)
+from services.errors import ConfigError, InvalidArgument, ResourceExhausted
 from services.model.adapters import AdapterResolver, adapters_in_dir
 from services.model.generation import GenerationOptions
 from services.model.loading import load_pretrained
@@ -28,19 +36,76 @@ from services.pb.midasheng.v1 import captions_pb2, lm_pb2, lm_pb2_grpc
 from services.security import ServerSecurity
 from services.transport.connect import connect
 from services.transport.keys import TransportDefaults
+from services.wire.limits import check_batch_size, check_caption_request
 from services.wire.settings import encoding_from_pb
 
 log = logging.getLogger(__name__)
 SERVICE = lm_pb2.DESCRIPTOR.services_by_name["LMService"].full_name
-MAX_BATCH_ITEMS = 64
-MAX_CLIP_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class OfflineLimits:
+    """How much offline captioning (Caption, BatchCaption) one LM process takes on beside its live
+    sessions: a few calls at a time, a bounded line of waiting ones, a few clips per engine pass."""
+
+    ENV_GROUP: ClassVar[str] = "LM"
+
+    offline_max_calls: Annotated[int, "offline calls decoding and captioning at once"] = 2
+    offline_max_waiting: Annotated[int, "offline calls waiting for a turn; more are refused at once"] = 8
+    offline_wait_seconds: Annotated[float, "s a call waits for its turn before it is refused"] = 30.0
+    offline_clips_per_pass: Annotated[int, "clips of one call handed to the engine at once"] = 8
+    offline_retry_after_seconds: Annotated[float, "s a refused offline client is told to wait"] = 5.0
+
+    def __post_init__(self) -> None:
+        if min(self.offline_max_calls, self.offline_clips_per_pass) < 1 or self.offline_max_waiting < 0:
+            raise ConfigError(
+                "offline_max_calls and offline_clips_per_pass must be >= 1, offline_max_waiting >= 0"
+            )
+
+
+class OfflineGate:
+    """Admits offline calls: ``offline_max_calls`` run, ``offline_max_waiting`` wait (each at most
+    ``offline_wait_seconds``), the rest get RESOURCE_EXHAUSTED with a retry hint at once. Live
+    captioning never waits for it."""
+
+    def __init__(self, limits: OfflineLimits) -> None:
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.offline_max_calls)
+        self._admitted = 0
+        self._lock = threading.Lock()
+
+    def _refuse(self, why: str) -> ResourceExhausted:
+        wait = self.limits.offline_retry_after_seconds
+        return ResourceExhausted(f"{why}; retry in {wait:.0f} s", retry_after=wait)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        lim = self.limits
+        with self._lock:
+            if self._admitted >= lim.offline_max_calls + lim.offline_max_waiting:
+                raise self._refuse(f"this LM service is busy with {self._admitted} offline calls")
+            self._admitted += 1
+        try:
+            if not self._slots.acquire(timeout=lim.offline_wait_seconds):
+                raise self._refuse(
+                    f"no offline captioning slot came free within {lim.offline_wait_seconds:.0f} s"
+                )
+            try:
+                yield
+            finally:
+                self._slots.release()
+        finally:
+            with self._lock:
+                self._admitted -= 1
 
 
 def request_audio(req: captions_pb2.CaptionRequest) -> np.ndarray:
-    """An offline request's audio as 16 kHz mono float32 (encoded file bytes or raw PCM)."""
+    """An offline request's audio as 16 kHz mono float32 (encoded file bytes or raw PCM); checks
+    the request's documented limits first and stops decoding past MAX_CLIP_SECONDS."""
+    check_caption_request(req)
     which = req.WhichOneof("audio")
     if which == "encoded_audio":
-        audio = decode_audio(req.encoded_audio)
+        audio = decode_audio(req.encoded_audio, max_seconds=MAX_CLIP_SECONDS)
     elif which == "raw_audio":
         raw = req.raw_audio
         audio = pcm_to_mono16k(
@@ -94,27 +159,30 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
     engine: CaptionEngine
     workers: list[LMWorker] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    offline: OfflineLimits = field(default_factory=OfflineLimits)
 
     def __post_init__(self) -> None:
         self.captioner = Captioner(self.engine)
+        self.gate = OfflineGate(self.offline)
 
     @rpc.unary
     def Caption(
         self, request: captions_pb2.CaptionRequest, context: grpc.ServicerContext
     ) -> captions_pb2.CaptionResponse:
-        return self._batch([request])[0]  # type: ignore[return-value]
+        check_caption_request(request)  # before waiting for a turn
+        with self.gate.turn():
+            return self._batch([request])[0]  # type: ignore[return-value]
 
     @rpc.unary
     def BatchCaption(
         self, request: captions_pb2.BatchCaptionRequest, context: grpc.ServicerContext
     ) -> captions_pb2.BatchCaptionResponse:
-        if len(request.items) > MAX_BATCH_ITEMS:
-            raise InvalidArgument(f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
+        check_batch_size(len(request.items))
         t0 = time.perf_counter()
         results = []
-        for i, (item, out) in enumerate(
-            zip(request.items, self._batch(request.items, isolate=True), strict=True)
-        ):
+        with self.gate.turn():
+            outcomes = self._batch(request.items, isolate=True)
+        for i, (item, out) in enumerate(zip(request.items, outcomes, strict=True)):
             if isinstance(out, captions_pb2.CaptionResponse):
                 results.append(
                     captions_pb2.BatchCaptionResult(index=i, request_id=item.request_id, caption=out)
@@ -145,19 +213,22 @@ class LMServicer(lm_pb2_grpc.LMServiceServicer):
                 continue
             key = (item.prompt or DEFAULT_PROMPT, opts, item.adapter)
             ready.setdefault(key, []).append((i, audio, (time.perf_counter() - t0) * 1e3))
-        for (prompt, opts, adapter), group in ready.items():
-            t0 = time.perf_counter()
-            try:
-                results = self.captioner.caption_clips([a for _, a, _ in group], prompt, opts, adapter)
-            except Exception as e:
-                if not isolate:
-                    raise
-                for i, _, _ in group:
-                    out[i] = e
-                continue
-            per_item_ms = (time.perf_counter() - t0) * 1e3
-            for (i, audio, decode_ms), result in zip(group, results, strict=True):
-                out[i] = response_pb(items[i], result, audio, decode_ms, per_item_ms)
+        step = self.offline.offline_clips_per_pass
+        for (prompt, opts, adapter), whole in ready.items():
+            for k in range(0, len(whole), step):  # a few clips in the engine at a time
+                group = whole[k : k + step]
+                t0 = time.perf_counter()
+                try:
+                    results = self.captioner.caption_clips([a for _, a, _ in group], prompt, opts, adapter)
+                except Exception as e:
+                    if not isolate:
+                        raise
+                    for i, _, _ in group:
+                        out[i] = e
+                    continue
+                per_item_ms = (time.perf_counter() - t0) * 1e3
+                for (i, audio, decode_ms), result in zip(group, results, strict=True):
+                    out[i] = response_pb(items[i], result, audio, decode_ms, per_item_ms)
         return out
 
     @rpc.unary
@@ -225,6 +296,7 @@ def start_lm_server(
     worker_prefix: str | None = None,
     limits: WorkerLimits | None = None,
     security: ServerSecurity | None = None,
+    offline: OfflineLimits | None = None,
 ) -> LMServer:
     stop = threading.Event()
     lm_workers: list[LMWorker] = []
@@ -238,7 +310,7 @@ def start_lm_server(
             t = threading.Thread(target=w.run, args=(stop,), name=f"lm-worker-{i}", daemon=True)
             t.start()
             threads.append(t)
-    servicer = LMServicer(engine, lm_workers)
+    servicer = LMServicer(engine, lm_workers, offline=offline or OfflineLimits())
     security = security or ServerSecurity()
     server = rpc.make_server(interceptors=security.interceptors())
     lm_pb2_grpc.add_LMServiceServicer_to_server(servicer, server)

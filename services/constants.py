@@ -39,3 +39,12 @@ SLIDING = "sliding"  # an interim describes the last window
 INTERIM_WINDOWS = (SEGMENT, SLIDING)
 DEFAULT_INTERIM_WINDOW = SEGMENT
 DEFAULT_OFFLINE_MAX_NEW_TOKENS = 64  # tokens per offline caption
+
+# Limits of what a client may ask for, enforced at the gateway and again behind it.
+MAX_OFFLINE_PROMPT_CHARS = 1000  # characters in a Caption/BatchCaption prompt (captions.proto)
+MAX_REQUEST_ID_CHARS = 128  # characters in CaptionRequest.request_id
+MAX_OFFLINE_NEW_TOKENS = 256  # tokens per offline caption (GenerationOptions.max_new_tokens)
+MAX_CLIP_SECONDS = 300.0  # s of audio one offline clip may decode to (longer: stream or segment it)
+MAX_BATCH_ITEMS = 64  # clips per BatchCaption
+MAX_LANGUAGE_CHARS = 35  # characters in a BCP-47 language hint
+MAX_ADAPTER_CHARS = 64  # characters in an adapter name

@@ -26,6 +26,12 @@ PCM16_BYTES_PER_SAMPLE = 2
 
 AudioSource = str | os.PathLike[str] | bytes | bytearray | memoryview
 
+# The demuxers FFmpeg may pick for audio that arrives as bytes (a client's encoded_audio): audio
+# containers only. Playlist and concatenation demuxers (hls, concat, ...) would open further URLs or
+# files, so probing never selects them; nested opens are limited to the file protocol.
+AUDIO_DEMUXERS = "wav,w64,flac,mp3,ogg,matroska,webm,mov,mp4,m4a,aac,aiff,caf,amr"
+_BYTES_OPTIONS = {"format_whitelist": AUDIO_DEMUXERS, "protocol_whitelist": "file"}
+
 # Errors PyAV/FFmpeg raise for unreadable input. av.FFmpegError covers codec and
 # demuxer failures; OSError/ValueError/EOFError cover I/O and a few PyAV checks
 # (for example a frame that no longer matches the resampler's setup).
@@ -39,11 +45,16 @@ def _describe(source: AudioSource) -> str:
     return str(Path(source))
 
 
-def decode_audio(path_or_bytes: AudioSource, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def decode_audio(
+    path_or_bytes: AudioSource, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None
+) -> np.ndarray:
     """Decode any audio file (path or file contents) to float32 mono in [-1, 1] at ``sample_rate``.
 
+    Bytes are demuxed only as one of :data:`AUDIO_DEMUXERS`. With ``max_seconds`` decoding stops
+    as soon as the audio grows past it (a few MB of compressed silence cannot expand to GBs).
+
     Raises :class:`AudioDecodeError` when the input is missing, empty, not audio,
-    has no audio stream or decodes to zero samples.
+    has no audio stream, decodes to zero samples or is longer than ``max_seconds``.
     """
     if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}.")
@@ -65,10 +76,11 @@ def decode_audio(path_or_bytes: AudioSource, sample_rate: int = SAMPLE_RATE) -> 
         source = str(path)
         name = f"file {name}"
 
+    limit = None if max_seconds is None else int(max_seconds * sample_rate)
     try:
-        samples = _read_native_rate(source, sample_rate)
+        samples = _read_native_rate(source, sample_rate, limit, name)
         if samples is None:
-            samples = _decode_with_av(source, sample_rate, name)
+            samples = _decode_with_av(source, sample_rate, name, limit)
     except AudioDecodeError:
         raise
     except _DECODE_ERRORS as exc:
@@ -81,7 +93,16 @@ def decode_audio(path_or_bytes: AudioSource, sample_rate: int = SAMPLE_RATE) -> 
     return samples
 
 
-def _read_native_rate(source: str | io.BytesIO, sample_rate: int) -> np.ndarray | None:
+def _too_long(name: str, limit: int, sample_rate: int) -> AudioDecodeError:
+    return AudioDecodeError(
+        f"Cannot decode audio {name}: it is longer than {limit / sample_rate:.0f} s; "
+        "stream it or caption it in segments."
+    )
+
+
+def _read_native_rate(
+    source: str | io.BytesIO, sample_rate: int, limit: int | None = None, name: str = ""
+) -> np.ndarray | None:
     """Fast path: a WAV/FLAC file already at ``sample_rate`` is read by libsndfile (about 20x faster
     than demuxing with PyAV). Channels are averaged, as the PyAV path does. None = use PyAV."""
     if not isinstance(source, str):
@@ -90,6 +111,11 @@ def _read_native_rate(source: str | io.BytesIO, sample_rate: int) -> np.ndarray 
         info = sf.info(source)
         if info.samplerate != sample_rate or info.format not in ("WAV", "FLAC"):
             return None
+    except Exception:  # anything libsndfile cannot handle goes through PyAV and its error messages
+        return None
+    if limit is not None and info.frames > limit:
+        raise _too_long(name, limit, sample_rate)
+    try:
         data, _ = sf.read(source, dtype="float32", always_2d=True)
     except Exception:  # anything libsndfile cannot handle goes through PyAV and its error messages
         return None
@@ -105,15 +131,26 @@ def _new_resampler(sample_rate: int) -> av.AudioResampler:
     )
 
 
-def _decode_with_av(source: str | io.BytesIO, sample_rate: int, name: str) -> np.ndarray:
-    """Demux the first audio stream and resample it to float32 mono ``sample_rate``."""
+def _decode_with_av(
+    source: str | io.BytesIO, sample_rate: int, name: str, limit: int | None = None
+) -> np.ndarray:
+    """Demux the first audio stream and resample it to float32 mono ``sample_rate`` (at most
+    ``limit`` samples, else AudioDecodeError as soon as they are exceeded)."""
     chunks: list[np.ndarray] = []
+    total = 0
 
     def collect(frames: list[av.AudioFrame]) -> None:
-        chunks.extend(out.to_ndarray().reshape(-1) for out in frames)
+        nonlocal total
+        for out in frames:
+            x = out.to_ndarray().reshape(-1)
+            total += x.size
+            if limit is not None and total > limit:
+                raise _too_long(name, limit, sample_rate)
+            chunks.append(x)
 
+    options = _BYTES_OPTIONS if isinstance(source, io.BytesIO) else None
     # metadata_errors="ignore": a badly encoded tag must not make the audio unreadable.
-    with av.open(source, mode="r", metadata_errors="ignore") as container:
+    with av.open(source, mode="r", metadata_errors="ignore", options=options) as container:
         if not container.streams.audio:
             raise AudioDecodeError(f"Cannot decode audio {name}: it has no audio stream.")
         stream = container.streams.audio[0]

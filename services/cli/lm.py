@@ -16,6 +16,7 @@ DEFAULT_LISTEN = "127.0.0.1:50062"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from lm_service.engines import DEFAULT_ENGINE, ENGINES
     from lm_service.engines.limits import EngineLimits
+    from lm_service.server import OfflineLimits
     from lm_service.worker import WorkerLimits
 
     p = sub.add_parser(
@@ -50,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     config.add_flags(p, EngineLimits)
     config.add_flags(p, WorkerLimits)
+    config.add_flags(p, OfflineLimits)
     config.add_flags(p, TransportDefaults)
     add_security_flags(p)
     p.set_defaults(func=run)
@@ -57,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lm_service.engines.limits import EngineLimits
-    from lm_service.server import build_engine, start_lm_server
+    from lm_service.server import OfflineLimits, build_engine, start_lm_server
     from lm_service.worker import WorkerLimits
     from services.security import server_security
 
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         worker_prefix=args.worker_id,
         limits=config.from_args(WorkerLimits, args),
         security=security,
+        offline=config.from_args(OfflineLimits, args),
     )
     serve_metrics(args.metrics_port)
     print(f"lm ready on port {srv.port}", flush=True)

@@ -39,6 +39,7 @@ from services.pb.midasheng.v1 import (
 )
 from services.security import CAPTION, INSECURE, STREAM, Authenticator, ClientCredentials
 from services.wire.events import CaptionEvent, EndEvent, EndReason, ErrorEvent, Event
+from services.wire.limits import check_batch_size, check_caption_request
 from services.wire.settings import settings_from_pb, settings_to_pb
 
 log = logging.getLogger(__name__)
@@ -360,13 +361,43 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     def Caption(
         self, request: captions_pb2.CaptionRequest, context: grpc.ServicerContext
     ) -> captions_pb2.CaptionResponse:
+        check_caption_request(request)  # before it costs the LM anything
         return _forward(self._lm_stub().Caption, request, context)
 
     @rpc.unary
     def BatchCaption(
         self, request: captions_pb2.BatchCaptionRequest, context: grpc.ServicerContext
     ) -> captions_pb2.BatchCaptionResponse:
-        return _forward(self._lm_stub().BatchCaption, request, context)
+        """Items that break the documented limits get their own INVALID_ARGUMENT here; the rest
+        go to the LM service, and the results are put back in the request's order."""
+        check_batch_size(len(request.items))
+        refused: dict[int, captions_pb2.ItemError] = {}
+        for i, item in enumerate(request.items):
+            try:
+                check_caption_request(item)
+            except InvalidArgument as e:
+                refused[i] = captions_pb2.ItemError(
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(e)
+                )
+        if not refused:
+            return _forward(self._lm_stub().BatchCaption, request, context)
+        index = [i for i in range(len(request.items)) if i not in refused]
+        forwarded = captions_pb2.BatchCaptionResponse()
+        if index:
+            sub = captions_pb2.BatchCaptionRequest(items=[request.items[i] for i in index])
+            forwarded = _forward(self._lm_stub().BatchCaption, sub, context)
+        results = {index[r.index]: r for r in forwarded.results}  # back to the request's positions
+        out = captions_pb2.BatchCaptionResponse(total_ms=forwarded.total_ms)
+        for i, item in enumerate(request.items):
+            if i in refused:
+                out.results.append(
+                    captions_pb2.BatchCaptionResult(index=i, request_id=item.request_id, error=refused[i])
+                )
+            else:
+                r = results[i]
+                r.index = i
+                out.results.append(r)
+        return out
 
 
 # The scope each public method needs (services.security.AuthInterceptor).

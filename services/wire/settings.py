@@ -17,6 +17,7 @@ from services import constants
 from services.audio.pcm import validate_format
 from services.errors import InvalidArgument
 from services.pb.midasheng.v1 import captions_pb2
+from services.wire.limits import SPECIAL_TOKEN, check_adapter_name
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class SessionSettings:
             raise InvalidArgument(
                 f"interim_window must be one of {', '.join(constants.INTERIM_WINDOWS)}, got {self.interim_window!r}."
             )
+        m = SPECIAL_TOKEN.search(self.prompt)
+        if m:
+            raise InvalidArgument(
+                f"prompt may not contain the model's special tokens (found {m.group(0)!r})."
+            )
+        check_adapter_name(self.adapter)
 
     @property
     def window_tokens(self) -> int:
@@ -61,6 +68,10 @@ class StreamSettings:
 
     def validate(self) -> None:
         validate_format(self.sample_rate, self.encoding, self.channels)
+        if len(self.language) > constants.MAX_LANGUAGE_CHARS or not self.language.isprintable():
+            raise InvalidArgument(
+                f"language must be a BCP-47 tag of at most {constants.MAX_LANGUAGE_CHARS} printable characters."
+            )
         self.session.validate()
 
 
