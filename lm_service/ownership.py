@@ -174,6 +174,7 @@ class SessionOwnership:
         if schedule.last_seq:  # an earlier owner applied publications: rebuild the token buffer
             self.reader.replay_applied(session)
             log.info("took over session %s at seq %d", sid, schedule.last_seq)
+            metrics.LEASE_TAKEOVERS.inc()
         self.reader.claim_pending(session)  # a dead owner's pending publications become ours
         self.sessions[sid] = session
 

@@ -46,6 +46,10 @@ COALESCED = Counter(
     "Publications whose interim was skipped for a newer one (LM behind)",
 )
 PENDING = Gauge("midasheng_pending_entries", "Entries delivered but not yet acknowledged", ["stream"])
+LEASE_TAKEOVERS = Counter(
+    "midasheng_lease_takeovers_total",
+    "Live sessions adopted after another worker had captioned them (crash, stall, stop, failover)",
+)
 
 # Redis (services/transport)
 REDIS_UNREPLICATED = Counter(

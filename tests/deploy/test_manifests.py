@@ -56,10 +56,19 @@ OPERATOR_MADE = {"midasheng-gateway-token", "midasheng-service-token", "midashen
 
 
 def settings_env() -> dict[str, tuple[type, str]]:
-    """Every settings variable: MIDASHENG_<GROUP>_<FIELD> -> (settings class, field)."""
-    out: dict[str, tuple[type, str]] = {}
+    """Every settings variable: MIDASHENG_<GROUP>_<FIELD> -> (settings class, field), from every
+    settings dataclass the CLI loads (building the parser imports them) and SETTINGS_MODULES."""
+    build_parser()
     for name in SETTINGS_MODULES:
-        for obj in vars(importlib.import_module(name)).values():
+        importlib.import_module(name)
+    modules = [
+        m
+        for n, m in list(sys.modules.items())
+        if n.split(".")[0] in ("services", "encoder_service", "lm_service")
+    ]
+    out: dict[str, tuple[type, str]] = {}
+    for module in modules:
+        for obj in list(vars(module).values()):
             if isinstance(obj, type) and dataclasses.is_dataclass(obj) and "ENV_GROUP" in vars(obj):
                 for f in dataclasses.fields(obj):
                     out[config.env_name(obj, f.name)] = (obj, f.name)
