@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services import errors
-from services.security import INSECURE, ClientCredentials
+from services.security import INSECURE, ClientCredentials, wrap_handler
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -176,3 +177,57 @@ def wait_healthy(
                 pass
             time.sleep(0.1)
     return False
+
+
+class ConcurrencyLimit(grpc.ServerInterceptor):
+    """Calls in flight per group of methods (``groups``: full method name -> group; methods in no
+    group share ``other``): a call beyond its group's limit is refused at once with
+    RESOURCE_EXHAUSTED and a retry hint, so no group can take every thread of the server (health
+    checks, outside every group, always find one). A slot is held until the call terminates."""
+
+    def __init__(
+        self,
+        limits: dict[str, int],
+        groups: dict[str, str],
+        retry_after: float = 5.0,
+        unlimited: Iterable[str] = ("/grpc.health.v1.Health/Check",),
+    ) -> None:
+        self.groups = groups
+        self.unlimited = frozenset(unlimited)
+        self.retry_after = retry_after
+        self._free = dict(limits)
+        self._limits = dict(limits)
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method in self.unlimited:
+            return handler
+        group = self.groups.get(details.method, "other")
+        if group not in self._free:
+            return handler
+
+        def take(context: grpc.ServicerContext) -> None:
+            with self._lock:
+                ok = self._free[group] > 0
+                if ok:
+                    self._free[group] -= 1
+            if not ok:
+                context.set_trailing_metadata(((RETRY_AFTER_MS, str(int(self.retry_after * 1000))),))
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this server is at its limit of {self._limits[group]} {group} calls; "
+                    f"retry in {self.retry_after:.0f} s",
+                )
+            if not context.add_callback(lambda: self._give_back(group)):
+                self._give_back(group)  # the call already ended
+
+        return wrap_handler(handler, take)
+
+    def _give_back(self, group: str) -> None:
+        with self._lock:
+            self._free[group] += 1
+
+    def in_use(self, group: str) -> int:
+        with self._lock:
+            return self._limits[group] - self._free[group]

@@ -38,6 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve the web page, monitoring view and WebRTC ingest here (default: off)",
     )
     p.add_argument(
+        "--http-allowed-hosts",
+        default="",
+        metavar="NAMES",
+        help="comma-separated Host names the page answers to beside loopback and the --http host "
+        "(requests naming any other host are refused: no DNS rebinding)",
+    )
+    p.add_argument(
         "--ice-server",
         action="append",
         default=None,
@@ -46,7 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: $MIDASHENG_ICE_SERVERS, comma-separated; none = fine on loopback and LANs)",
     )
     p.add_argument(
-        "--max-workers", type=int, default=64, help="gRPC threads (each open stream holds one; default: 64)"
+        "--max-workers",
+        type=int,
+        default=None,
+        help="gRPC threads (each open stream holds one; default: --max-sessions + --max-offline-calls + 16)",
     )
     config.add_flags(p, GatewayLimits)
     config.add_flags(p, WebRtcLimits)
@@ -97,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             settings, args.api_keys_file, read_token(args.token_file), service_token=False
         ),
         internal=client_credentials(settings),
+        http_tls=(settings.tls_cert, settings.tls_key) if settings.serves_tls else None,
+        http_allowed_hosts=[h.strip() for h in args.http_allowed_hosts.split(",") if h.strip()],
     )
     serve_metrics(args.metrics_port)
     print(f"gateway ready on port {srv.port}", flush=True)

@@ -30,6 +30,7 @@ from services.errors import (
     Unavailable,
 )
 from services.gateway.live import GatewayLimits, LiveGateway, LiveSession
+from services.gateway.quotas import peer_host
 from services.pb.midasheng.v1 import (
     captions_pb2,
     captions_pb2_grpc,
@@ -196,6 +197,11 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
     def StreamCaptions(
         self, request_iterator: Iterator[captions_pb2.StreamCaptionsRequest], context: grpc.ServicerContext
     ) -> Iterator[captions_pb2.StreamCaptionsResponse]:
+        principal = self.auth.principal(context)
+        release = self.gateway.quotas.acquire(principal.tenant, peer_host(context.peer()))
+        if not context.add_callback(release):
+            release()
+            return  # the call already ended
         inbox: queue.Queue[object] = queue.Queue(maxsize=REQUEST_QUEUE)
         terminated = threading.Event()
         wake = threading.Event()  # set by the client's messages and by new caption events
@@ -220,7 +226,6 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         if first.WhichOneof("request") != "config":
             raise FailedPrecondition("the first message of StreamCaptions must be a SessionConfig")
         cfg = first.config
-        principal = self.auth.principal(context)
         if cfg.session_id:  # resume: replay events after resume_after_event_id (all when empty)
             session = self.gateway.resume(cfg.session_id, cfg.resume_secret, principal)
             cursor = cfg.resume_after_event_id or "0-0"
@@ -307,15 +312,25 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
         return True
 
     def _check_idle(self, session: LiveSession) -> ErrorEvent | None:
-        """Finalize a session that got no audio or keep-alive for the idle timeout; say so once."""
-        timeout = self.gateway.limits.idle_timeout_seconds
-        if session.ended or time.monotonic() - session.last_activity <= timeout:
+        """Finalize a session that got no audio or keep-alive for the idle timeout, or no audio
+        (keep-alives or not) for ``max_silence_seconds``; say so once."""
+        lim = self.gateway.limits
+        now = time.monotonic()
+        if session.ended:
             return None
-        log.info("session %s idle for %.0f s; finalizing", session.sid, timeout)
+        if now - session.last_activity > lim.idle_timeout_seconds:
+            message = f"no audio or keep-alive for {lim.idle_timeout_seconds:.0f} s"
+        elif lim.max_silence_seconds > 0 and now - session.last_audio > lim.max_silence_seconds:
+            message = (
+                f"no audio for {lim.max_silence_seconds:.0f} s (keep-alives do not hold a session for ever)"
+            )
+        else:
+            return None
+        log.info("session %s: %s; finalizing", session.sid, message)
         session.end_reason = EndReason.IDLE
         session.finalize()
         return ErrorEvent(
-            message=f"no audio or keep-alive for {timeout:.0f} s; the session is being finalized",
+            message=f"{message}; the session is being finalized",
             reason="IDLE_TIMEOUT",
             fatal=False,
             code="DEADLINE_EXCEEDED",

@@ -1,8 +1,13 @@
 """The gateway's web side: the live page, the monitoring view, WebRTC offers and session read-outs.
 
 Runs an aiohttp application on its own asyncio loop in its own thread, beside the gRPC server of
-the same gateway process. Every ``/api/`` route needs ``Authorization: Bearer TOKEN`` when the
-gateway has a token; pages, static files and ``/healthz`` are open. Errors are JSON ``{"error"}``.
+the same gateway process (HTTPS with the gateway's certificate). Every ``/api/`` route needs
+``Authorization: Bearer KEY`` when the gateway has API keys (scopes: ``stream`` for offers,
+``monitor`` for the session list; downloads need the session's tenant, admin or its secret);
+pages, static files and ``/healthz`` are open. Every request must name this server in ``Host``
+(loopback names, the listen address, ``--http-allowed-hosts``) and, when it has an ``Origin``, come
+from it: a DNS-rebinding page or a cross-site form gets 421/403. Offers must be
+``application/json`` (415). Errors are JSON ``{"error"}``.
 
 Routes: ``GET /``, ``GET /monitor``, ``GET /static/...``, ``GET /healthz``, ``GET /api/config``,
 ``POST /api/webrtc/offer``, ``GET /api/sessions``, ``GET /api/sessions/{sid}/captions.vtt|json``.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +56,15 @@ RECENT_SECONDS = 60.0  # ended sessions stay on the monitoring view this long
 LATEST_SCAN = 50  # newest caption-stream entries read per session to find its latest caption
 MAX_OFFER_BYTES = 256 * 1024
 SECRET_HEADER = "X-Resume-Secret"  # a session's resume secret, for its downloads
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; media-src 'self' blob: mediastream:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+}
 START_TIMEOUT_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -178,14 +193,21 @@ class SessionReader:
 class HttpApp:
     """Handlers of the web application (one instance per gateway)."""
 
-    def __init__(self, gateway: LiveGateway, ingest: WebRtcIngest, auth: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        gateway: LiveGateway,
+        ingest: WebRtcIngest,
+        auth: Authenticator | None = None,
+        allowed_hosts: frozenset[str] = frozenset(),
+    ) -> None:
         self.gateway = gateway
         self.ingest = ingest
         self.auth = auth or Authenticator()
+        self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
         self.reader = SessionReader(gateway, ingest)
 
     def build(self) -> web.Application:
-        app = web.Application(middlewares=[self.errors], client_max_size=MAX_OFFER_BYTES)
+        app = web.Application(middlewares=[self.guard, self.errors], client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self.page("index.html"))
         app.router.add_get("/monitor", self.page("monitor.html"))
         app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)
@@ -196,6 +218,32 @@ class HttpApp:
         app.router.add_get("/api/sessions/{sid}/captions.vtt", self.captions_vtt)
         app.router.add_get("/api/sessions/{sid}/captions.json", self.captions_json)
         return app
+
+    def _host_allowed(self, value: str) -> bool:
+        """Whether a Host (or Origin's host) names this server: loopback names or a configured
+        one. Anything else is a DNS-rebinding page or a misdirected request."""
+        host = value.strip().lower()
+        if host.startswith("["):  # [v6]:port
+            host = host[1 : host.find("]")]
+        elif host.count(":") == 1:
+            host = host.split(":")[0]
+        return host in self.allowed_hosts
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Host and Origin checks (no DNS rebinding, no cross-site requests) and security headers."""
+        if not self._host_allowed(request.headers.get("Host", "")):
+            return _error(421, "this server does not answer to that Host name (see --http-allowed-hosts)")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != "null":
+            if not self._host_allowed(origin.partition("://")[2] or origin):
+                return _error(403, "cross-origin requests are not allowed")
+        elif origin == "null" and request.method != "GET":
+            return _error(403, "cross-origin requests are not allowed")
+        response = await handler(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        return response
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -278,6 +326,8 @@ class HttpApp:
 
     async def offer(self, request: web.Request) -> web.Response:
         principal = self._require(request, STREAM)
+        if request.content_type != "application/json":  # a cross-site form or text/plain POST
+            return _error(415, "the offer must be sent as Content-Type: application/json")
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError) as e:
@@ -290,7 +340,8 @@ class HttpApp:
         settings = settings_from_json(body.get("config"))
         try:
             answer, answer_type, sid, secret = await asyncio.wait_for(
-                self.ingest.offer(sdp, kind, settings, principal.tenant), START_TIMEOUT_S
+                self.ingest.offer(sdp, kind, settings, principal.tenant, request.remote or ""),
+                START_TIMEOUT_S,
             )
         except TimeoutError as e:
             raise ResourceExhausted(f"the session could not be started within {START_TIMEOUT_S:.0f} s") from e
@@ -374,8 +425,17 @@ def start_http(
     auth: Authenticator | None = None,
     ice_servers: Sequence[RTCIceServer] | None = None,
     limits: WebRtcLimits | None = None,
+    tls: tuple[str, str] | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> HttpServer:
-    """Start the web server on its own loop and thread; returns once it listens."""
+    """Start the web server on its own loop and thread; returns once it listens. ``tls``
+    (certificate, key): HTTPS. ``allowed_hosts``: Host names it answers to beside loopback
+    (and the address it listens on)."""
+    ssl_context = None
+    if tls is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(*tls)
+    names = frozenset({*allowed_hosts, *([host] if host not in ("", "0.0.0.0", "::") else [])})
     loop = asyncio.new_event_loop()
     started: dict[str, Any] = {}
     ready = threading.Event()
@@ -384,9 +444,9 @@ def start_http(
         asyncio.set_event_loop(loop)
         try:
             ingest = WebRtcIngest(gateway, ice_servers or (), limits)
-            runner = web.AppRunner(HttpApp(gateway, ingest, auth).build(), access_log=None)
+            runner = web.AppRunner(HttpApp(gateway, ingest, auth, names).build(), access_log=None)
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             loop.run_until_complete(site.start())
             started.update(ingest=ingest, runner=runner, port=runner.addresses[0][1])
         except BaseException as e:
@@ -406,7 +466,7 @@ def start_http(
         raise TimeoutError("the web server did not start within 30 s")
     if "error" in started:
         raise started["error"]
-    log.info("web page on http://%s:%d/", host, started["port"])
+    log.info("web page on %s://%s:%d/", "https" if tls else "http", host, started["port"])
     return HttpServer(started["port"], started["ingest"], loop, started["runner"], thread)
 
 
@@ -415,4 +475,4 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise InvalidArgument(f"--http must be HOST:PORT, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port)  # ":8080" is loopback: say 0.0.0.0 to mean it

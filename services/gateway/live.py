@@ -33,6 +33,7 @@ from services.errors import (
     Unavailable,
 )
 from services.gateway.hub import EventHub, Subscription
+from services.gateway.quotas import StreamQuotas
 from services.principal import ANONYMOUS, Principal, may_read, may_resume, secret_hash
 from services.transport import keys
 from services.transport.keys import TransportDefaults
@@ -81,6 +82,18 @@ class GatewayLimits:
     max_channels: Annotated[int, "audio channels a client may send"] = MAX_CHANNELS
     lm_admission: Annotated[bool, "refuse new streams while every LM worker is full or behind"] = True
     retry_after_seconds: Annotated[float, "s a refused client is told to wait before trying again"] = 5.0
+    max_streams_per_tenant: Annotated[
+        int, "concurrent streams (gRPC and WebRTC) of one API key's tenant; 0 = any"
+    ] = 64
+    max_streams_per_address: Annotated[int, "concurrent streams from one client address; 0 = any"] = 64
+    max_offline_calls: Annotated[int, "Caption/BatchCaption calls this gateway forwards at once"] = 16
+    max_realtime_factor: Annotated[
+        float, "audio may arrive at most this many times faster than real time (after the burst); 0 = any"
+    ] = 2.0
+    realtime_burst_seconds: Annotated[float, "s of audio a session may send ahead of that pace"] = 60.0
+    max_silence_seconds: Annotated[
+        float, "s a session may go without audio, keep-alives or not, before it is finalized"
+    ] = 240.0
     drain_seconds: Annotated[
         float, "s open streams get to finish when the gateway stops (SIGTERM); new ones are refused"
     ] = 30.0
@@ -154,6 +167,7 @@ class LiveSession:
         self.end_reason: EndReason | None = None  # why it ended early (IDLE), None for a finalize/close
         self.generation = 0  # bumped by every resume: only the newest call may detach the session
         self.last_activity = time.monotonic()
+        self.last_audio = self.started = self.last_activity  # pace and silence are measured from here
         self.lock = threading.Lock()
         self._pending = _Pending()  # chunks accepted but not pushed to the encoder yet
         self._hop_samples = max(1, round(settings.session.hop_seconds * SAMPLE_RATE))
@@ -196,12 +210,31 @@ class LiveSession:
                 raise ResourceExhausted(
                     f"the session reached its maximum of {limits.max_session_seconds:.0f} s"
                 )
+            self._check_pace(samples.size)
             self.audio_seq += 1
             self._pending.add(self.audio_seq, samples, zlib.crc32(data))
             self.samples += samples.size
             self.touch()
+            self.last_audio = self.last_activity
             self._push_due()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
+
+    def _check_pace(self, more: int) -> None:
+        """Refuse audio that runs ahead of ``max_realtime_factor`` x real time by more than the
+        burst: one client must not take the encoder and LM from everyone else."""
+        lim = self.gateway.limits
+        if lim.max_realtime_factor <= 0:
+            return
+        ahead = (self.samples + more) / SAMPLE_RATE - lim.realtime_burst_seconds
+        allowed = lim.max_realtime_factor * (time.monotonic() - self.started)
+        if ahead > allowed:
+            wait = (ahead - allowed) / lim.max_realtime_factor
+            metrics.REJECTED_CHUNKS.labels(reason="too_fast").inc()
+            raise ResourceExhausted(
+                f"audio arrives faster than {lim.max_realtime_factor:g}x real time; resume session "
+                f"{self.sid} and send from seq {self.audio_seq + 1} in {wait:.1f} s, then at most that pace",
+                retry_after=wait,
+            )
 
     def _push_due(self) -> None:
         """Push what is pending once it reaches the next hop or a second of audio. A failed push
@@ -277,6 +310,10 @@ class LiveGateway:
         self.defaults = defaults or TransportDefaults()
         self.captions = CaptionStream(StreamClient(client), self.defaults.captions_maxlen)
         self.hub = EventHub(client)
+        lim = self.limits
+        self.quotas = StreamQuotas(
+            lim.max_streams_per_tenant, lim.max_streams_per_address, lim.retry_after_seconds
+        )
         self._sessions: dict[str, LiveSession] = {}
         self._detached: dict[str, float] = {}  # sid -> monotonic time it lost its client
         self._lock = threading.Lock()

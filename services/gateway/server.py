@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +20,13 @@ from services.transport.connect import connect
 from services.transport.keys import TransportDefaults
 
 log = logging.getLogger(__name__)
+HEALTH_THREADS = 8  # threads no group of calls can take: health checks always find one
+OTHER_CALLS = 8  # reflection and health watches at once
+CALL_GROUPS = {
+    f"/{SERVICE}/StreamCaptions": "stream",  # at most GatewayLimits.max_sessions
+    f"/{SERVICE}/Caption": "offline",  # at most GatewayLimits.max_offline_calls
+    f"/{SERVICE}/BatchCaption": "offline",
+}
 
 
 @dataclass
@@ -57,13 +65,15 @@ def start_gateway(
     address: str = "127.0.0.1:0",
     limits: GatewayLimits | None = None,
     token: str | None = None,
-    max_workers: int = 64,
+    max_workers: int | None = None,
     http_address: str | None = None,
     ice_servers: list[str] | None = None,
     webrtc_limits: WebRtcLimits | None = None,
     defaults: TransportDefaults | None = None,
     security: ServerSecurity | None = None,
     internal: ClientCredentials = INSECURE,
+    http_tls: tuple[str, str] | None = None,
+    http_allowed_hosts: Sequence[str] = (),
 ) -> GatewayServer:
     """The gateway: public gRPC API on ``address`` (and the web page on ``http_address``).
 
@@ -76,7 +86,15 @@ def start_gateway(
     client = connect(redis_url, socket_timeout=10.0)
     encoder = GrpcEncoderLink(encoder_target, credentials=internal)
     gateway = LiveGateway(client, encoder, limits, defaults)
-    server = rpc.make_server(max_workers=max_workers, interceptors=security.interceptors(METHOD_SCOPES))
+    lim = gateway.limits
+    calls = {"stream": lim.max_sessions, "offline": lim.max_offline_calls, "other": OTHER_CALLS}
+    limiter = rpc.ConcurrencyLimit(calls, CALL_GROUPS, lim.retry_after_seconds)
+    threads = max_workers or sum(calls.values()) + HEALTH_THREADS  # every group's calls, and health
+    server = rpc.make_server(
+        max_workers=threads,
+        interceptors=[*security.interceptors(METHOD_SCOPES), limiter],
+        maximum_concurrent_rpcs=threads,
+    )
     servicer = CaptionServicer(gateway, lm_target, security.auth, internal)
     captions_pb2_grpc.add_CaptionServiceServicer_to_server(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE])
@@ -93,6 +111,8 @@ def start_gateway(
                 auth=security.auth,
                 ice_servers=ice_servers_from(ice_servers),
                 limits=webrtc_limits,
+                tls=http_tls,
+                allowed_hosts=http_allowed_hosts,
             )
         except BaseException:
             srv.stop()

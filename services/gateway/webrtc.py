@@ -35,8 +35,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from services import metrics
 from services.constants import SAMPLE_RATE
-from services.errors import InvalidArgument, MidashengError
+from services.errors import InvalidArgument, MidashengError, ResourceExhausted
 from services.gateway.live import LiveGateway, LiveSession, check_limits
+from services.gateway.quotas import RateLimit, Release
 from services.wire.events import EndEvent
 from services.wire.settings import StreamSettings
 
@@ -66,6 +67,8 @@ class WebRtcLimits:
     io_threads: Annotated[
         int, "threads for blocking feed and Redis calls (0 = two per allowed session, + 4)"
     ] = 0
+    max_offers_per_minute: Annotated[int, "offers one client address may make in any minute; 0 = any"] = 30
+    max_media_sections: Annotated[int, "m= sections in one offer (one audio, video, data channel each)"] = 3
 
 
 def parse_ice_server(spec: str) -> RTCIceServer:
@@ -164,6 +167,7 @@ class Peer:
         self.end_reason = ""
         self.tasks: set[asyncio.Task[None]] = set()
         self._pending_interim: dict[str, Any] | None = None
+        self.release_quota: Release = lambda: None  # the stream slot of its tenant and address
 
     @property
     def sid(self) -> str:
@@ -360,6 +364,7 @@ class Peer:
         if self.closed:
             return
         self.closed = True
+        self.release_quota()
         self.end_reason = self.end_reason or reason
         self.audio_ready.set()
         loop = asyncio.get_running_loop()
@@ -399,6 +404,7 @@ class WebRtcIngest:
         threads = self.limits.io_threads or 2 * gateway.limits.max_sessions + 4  # started lazily, as needed
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webrtc-io")
         self.recently_ended: dict[str, tuple[float, str]] = {}  # sid -> (unix time, reason)
+        self.offers = RateLimit(self.limits.max_offers_per_minute, "WebRTC offers from this address")
 
     def ended(self, session: LiveSession, reason: str) -> None:
         now = time.time()
@@ -414,22 +420,37 @@ class WebRtcIngest:
         return None
 
     async def offer(
-        self, sdp: str, kind: str, settings: StreamSettings, tenant: str = ""
+        self, sdp: str, kind: str, settings: StreamSettings, tenant: str = "", address: str = ""
     ) -> tuple[str, str, str, str]:
         """Answer one browser offer for ``tenant``; returns (answer sdp, type, session id, the
         session's resume secret).
 
         Raises InvalidArgument for a bad offer or settings, ResourceExhausted at capacity.
         """
+        self.offers.hit(address)  # every offer counts, good or bad
         if kind != "offer":
             raise InvalidArgument(f"type must be 'offer', got {kind!r}")
         if not isinstance(sdp, str) or not sdp.startswith("v=0"):
             raise InvalidArgument("sdp must be an SDP offer (text starting with 'v=0')")
         if "m=audio" not in sdp:
             raise InvalidArgument("the offer has no audio track; add a microphone or tab-audio track")
+        check_media_sections(sdp, self.limits.max_media_sections)
         check_limits(settings, self.gateway.limits)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers)))
+        lim = self.gateway.limits
+        if len(self.gateway) >= lim.max_sessions:  # before any transport or socket is made
+            raise ResourceExhausted(
+                f"this gateway serves its maximum of {lim.max_sessions} sessions; "
+                f"retry in {lim.retry_after_seconds:.0f} s",
+                retry_after=lim.retry_after_seconds,
+            )
+        release = self.gateway.quotas.acquire(tenant, address)
+        try:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers)))
+        except BaseException:
+            release()
+            raise
         peer = Peer(self, pc)
+        peer.release_quota = release
         self._wire(peer)
         loop = asyncio.get_running_loop()
         try:
@@ -445,6 +466,7 @@ class WebRtcIngest:
             if peer.session is not None:
                 await peer.close("rejected")
             else:
+                release()
                 await pc.close()
             raise
         peer.last_frame = time.monotonic()
@@ -495,6 +517,18 @@ class WebRtcIngest:
     async def shutdown(self) -> None:
         await asyncio.gather(*(p.close("shutdown") for p in list(self.peers)), return_exceptions=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_media_sections(sdp: str, most: int) -> None:
+    """At most ``most`` media sections and at most one of each kind: every section gets its own
+    transport and sockets in aiortc, so hundreds in one offer would exhaust file descriptors."""
+    kinds = [line[2:].split(" ", 1)[0] for line in sdp.splitlines() if line.startswith("m=")]
+    if len(kinds) > most or len(kinds) != len(set(kinds)):
+        raise InvalidArgument(
+            f"an offer may hold at most {most} media sections, one of each kind "
+            "(audio, video, application); this one has "
+            f"{len(kinds)}"
+        )
 
 
 async def _discard(track: MediaStreamTrack) -> None:
