@@ -121,6 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.base_model,
         defaults=config.from_args(JobDefaults, args),
         security=security,
+        allow_hub=args.allow_hub_downloads,
     )
     print(f"jobs ready on port {srv.port}", flush=True)
     return wait_for_shutdown(srv.stop)
@@ -208,6 +209,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--redis-url", default=None, help="Redis URL (default: $REDIS_URL)")
     s.add_argument("--jobs-dir", type=Path, default=None, help="shared jobs directory (informational)")
     s.add_argument("--base-model", default="demo", help="base model of jobs that name none (default: demo)")
+    s.add_argument(
+        "--allow-hub-downloads",
+        action="store_true",
+        help="accept jobs whose base model is a hub id (workers download it; default: refused)",
+    )
     config.add_flags(s, JobDefaults)
     add_security_flags(s, api_keys=True)
     s.set_defaults(func=run_serve)

@@ -5,23 +5,36 @@ The gRPC servicer (:mod:`services.jobs.server`) only converts messages to and fr
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-from services.jobs.model import Adapter, AlreadyExists, EventKind, Job, JobEvent, JobSpec, JobStatus
+from services.jobs.model import (
+    Adapter,
+    AlreadyExists,
+    EventKind,
+    Job,
+    JobError,
+    JobEvent,
+    JobSpec,
+    JobStatus,
+)
 from services.jobs.store import JobStore
-from services.jobs.validate import validate_job
+from services.jobs.validate import Validation, validate_job
 from services.transport.keys import JOBS_STREAM
 from services.transport.streams import StreamClient
+
+log = logging.getLogger(__name__)
 
 FOLLOW_LIMIT_S = 24 * 3600.0  # a followed event stream ends after this long, whatever happens
 
 
 class JobsAPI:
-    def __init__(self, store: JobStore, default_base_model: str = "demo") -> None:
+    def __init__(self, store: JobStore, default_base_model: str = "demo", allow_hub: bool = False) -> None:
         self.store = store
         self.default_base_model = default_base_model
+        self.allow_hub = allow_hub  # base models may be hub ids
         self.streams = StreamClient(store.client)
 
     def create(self, spec: JobSpec) -> Job:
@@ -38,7 +51,11 @@ class JobsAPI:
 
         job = Job(id=new_job_id(), spec=spec, status=JobStatus.VALIDATING, created_at=time.time())
         self.store.create(job, "Job created; validating the dataset and base model.")
-        result = validate_job(spec)
+        try:
+            result = validate_job(spec, self.allow_hub)
+        except Exception:  # whatever happens, the job must not stay VALIDATING for ever
+            log.exception("validating job %s failed", job.id)
+            result = Validation(JobError("internal", "Validating the job failed; see the jobs service log."))
         if result.error is not None:
             failed = job.evolve(
                 status=JobStatus.FAILED, error=result.error, problems=result.problems, finished_at=time.time()

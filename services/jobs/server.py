@@ -239,10 +239,11 @@ def start_jobs_server(
     base_model: str = "demo",
     defaults: JobDefaults | None = None,
     security: ServerSecurity | None = None,
+    allow_hub: bool = False,
 ) -> JobsServer:
     """Serve JobService (plus health and reflection). ``jobs_dir`` is where workers write; the server
     itself only reads Redis, so it is informational here."""
-    api = JobsAPI(JobStore.from_url(redis_url, defaults), default_base_model=base_model)
+    api = JobsAPI(JobStore.from_url(redis_url, defaults), default_base_model=base_model, allow_hub=allow_hub)
     security = security or ServerSecurity()
     server = rpc.make_server(interceptors=security.interceptors(default_scope=JOBS))
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(api), server)

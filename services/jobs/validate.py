@@ -6,12 +6,14 @@ exactly the rows ``services.training.data.read_dataset`` reports.
 
 from __future__ import annotations
 
+import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from services.errors import DatasetError
-from services.jobs.model import MAX_PROBLEMS, JobError, JobSpec
+from services.errors import DatasetError, InvalidArgument
+from services.jobs.model import MAX_PROBLEMS, NAME_RE, Job, JobError, JobSpec
 from services.model.checkpoint import CONFIG_NAME
 from services.training.data import read_dataset
 
@@ -45,14 +47,42 @@ def _problem_code(message: str) -> str:
     return "audio_decode_error"
 
 
-def check_base_model(base_model: str) -> JobError | None:
-    """A local base model must be a directory holding config.json; hub ids are fetched by the worker."""
+JOB_ID_RE = re.compile(r"^job-[0-9a-f]{20}$")  # what store.new_job_id makes, nothing else
+
+
+def job_dir(jobs_dir: Path, job_id: str) -> Path:
+    """``jobs_dir/<job id>`` for a job id this service made: one plain name (no '/', no '..', not
+    absolute), and the resolved directory inside ``jobs_dir`` (no symlink out of it)."""
+    if not JOB_ID_RE.match(job_id):
+        raise InvalidArgument(f"{job_id!r} is not a job id this service made")
+    root = jobs_dir.resolve()
+    out = (root / job_id).resolve()
+    if not out.is_relative_to(root) or out == root:
+        raise InvalidArgument(f"the directory of job {job_id} leads out of the jobs directory")
+    return out
+
+
+def is_hub_id(base_model: str) -> bool:
+    """``owner/repo`` that is not a local path: a model the worker would download from the hub."""
+    path = Path(base_model).expanduser()
+    return not (base_model.startswith((".", "/", "~")) or base_model.count("/") != 1 or path.exists())
+
+
+def check_base_model(base_model: str, allow_hub: bool = False) -> JobError | None:
+    """A local base model must be a directory holding config.json; hub ids are fetched by the worker,
+    and only where hub downloads are allowed (``--allow-hub-downloads``)."""
     if base_model == "demo":
         return None
     path = Path(base_model).expanduser()
-    looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") != 1 or path.exists()
-    if not looks_local:
-        return None
+    if is_hub_id(base_model):
+        if allow_hub:
+            return None
+        return JobError(
+            "hub_download_not_allowed",
+            f"Base model {base_model} would be downloaded from the hub, which this service does not "
+            "allow; use a local checkpoint directory (or start the jobs service and workers with "
+            "--allow-hub-downloads).",
+        )
     if not path.is_dir():
         return JobError(
             "base_model_not_found", f"Base model {base_model} does not exist (no such directory)."
@@ -82,12 +112,31 @@ def check_dataset(uri: str, which: str = "dataset") -> Validation:
         listed = ", ".join(str(r) for r in rows_bad[:10]) + (" ..." if len(rows_bad) > 10 else "")
         message = f"The {which} {uri} has {len(rows_bad)} bad rows ({listed}); see problems."
         return Validation(JobError("invalid_dataset", message), problems)
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:  # binary, unreadable, huge field
+        return Validation(
+            JobError(
+                "invalid_dataset", f"The {which} {uri} cannot be read as a UTF-8 CSV ({type(e).__name__})."
+            )
+        )
     return Validation(None, rows=len(rows))
 
 
-def validate_job(spec: JobSpec) -> Validation:
+def check_runnable(job: Job, jobs_dir: Path, allow_hub: bool = False) -> JobError | None:
+    """What a training worker checks of a job it took from Redis before it touches any path:
+    a job id it can make a directory of, plain names, an allowed base model."""
+    try:
+        job_dir(jobs_dir, job.id)
+    except InvalidArgument as e:
+        return JobError("invalid_job", str(e))
+    for what, name in (("name", job.spec.name), ("adapter_name", job.spec.adapter_name)):
+        if name and (not NAME_RE.match(name) or ".." in name):
+            return JobError("invalid_job", f"{what} {name!r} is not a plain name")
+    return check_base_model(job.spec.base_model, allow_hub)
+
+
+def validate_job(spec: JobSpec, allow_hub: bool = False) -> Validation:
     """Base model first (cheap), then the training and held-out datasets."""
-    error = check_base_model(spec.base_model)
+    error = check_base_model(spec.base_model, allow_hub)
     if error is not None:
         return Validation(error)
     result = check_dataset(spec.dataset_uri)

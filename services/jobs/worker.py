@@ -35,7 +35,7 @@ from services import config
 from services.errors import CheckpointError, ConfigError, DatasetError, InvalidArgument
 from services.jobs.model import Adapter, AlreadyExists, EventKind, Job, JobError, JobStatus
 from services.jobs.store import JobDefaults, JobStore, WriteRefused
-from services.jobs.validate import local_path
+from services.jobs.validate import check_runnable, job_dir, local_path
 from services.transport.keys import JOB_GROUP, JOBS_STREAM, TransportDefaults, job_lease_key
 from services.transport.lease import Lease
 from services.transport.streams import Consumer, Entry, StreamClient
@@ -56,6 +56,7 @@ class WorkerSettings:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     metrics_every: int = DEFAULT_METRICS_EVERY
     defaults: JobDefaults = field(default_factory=JobDefaults)
+    allow_hub: bool = False  # base models may be hub ids (downloaded by the worker)
 
 
 def torchrun_command(job: Job, settings: WorkerSettings) -> list[str]:
@@ -85,7 +86,7 @@ def train_config(job: Job, settings: WorkerSettings) -> Any:
     spec, hp = job.spec, job.spec.hyperparameters
     return config_from_args(
         data=local_path(spec.dataset_uri),
-        out=settings.jobs_dir / job.id,
+        out=job_dir(settings.jobs_dir, job.id),
         model=spec.base_model,
         method=spec.method,
         lora_rank=hp.lora_rank,
@@ -409,6 +410,10 @@ class TrainingWorker:
         if self.store.cancel_requested(job.id):
             done = job.evolve(status=JobStatus.CANCELLED, finished_at=now)
             return _final_any(self.store, done, "Cancelled before training resumed.", owner)
+        problem = check_runnable(job, self.settings.jobs_dir, self.settings.allow_hub)
+        if problem is not None:  # a job document this service did not write, or no longer allows
+            failed = job.evolve(status=JobStatus.FAILED, finished_at=now, error=problem)
+            return _final_any(self.store, failed, f"Not run: {problem.message}", owner)
         if job.attempts >= limit:
             why = (
                 job.error.message if job.error else "its worker stopped (killed or lost its lease) every time"
@@ -549,6 +554,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="steps averaged into one METRICS event (default: %(default)s)",
     )
     config.add_flags(p, JobDefaults)
+    p.add_argument(
+        "--allow-hub-downloads",
+        action="store_true",
+        help="run jobs whose base model is a hub id (downloaded by this worker; default: refused)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -564,5 +574,6 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         checkpoint_every=args.checkpoint_every,
         metrics_every=args.metrics_every,
         defaults=defaults,
+        allow_hub=args.allow_hub_downloads,
         **kw,
     )

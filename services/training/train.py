@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import random
 import shutil
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from services.errors import ConfigError
+from services.errors import CheckpointError, ConfigError
 from services.model.adapters import merge_adapter
 from services.model.checkpoint import build_model, load_model, load_tokenizer, resolve_model_dir, save_model
 from services.model.config import tiny_config
@@ -75,6 +76,26 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
     ),
 }
 STATE_FILE = "trainer_state.pt"
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as tensors and plain values (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_rng_state(s: dict[str, Any]) -> None:
+    np.random.set_state(
+        (s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"])
+    )
+
+
 log = logging.getLogger(__name__)
 
 
@@ -280,7 +301,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
+            "numpy_rng": _numpy_rng_state(),
             "python_rng": random.getstate(),
             "config": {k: str(v) for k, v in asdict(self.cfg).items()},
         }
@@ -301,7 +322,14 @@ class Trainer:
         return found[-1] if found else None
 
     def restore(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain values only; a pickle planted in shared storage cannot run.
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{path / STATE_FILE} holds more than tensors and plain values (an older format, or "
+                "tampered with); it is not loaded"
+            ) from e
         if self.cfg.method == "lora":
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -313,7 +341,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        _set_numpy_rng_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         self._log({"event": "resumed", "step": self.step, "path": str(path)})
 
