@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ REQUEST_QUEUE = 64  # client messages buffered per stream before back-pressure
 # thread, back to back, so an end not followed by termination within this long is a real half-close.
 HALF_CLOSE_GRACE_S = 0.25
 RPC_TIMEOUT_S = 30.0
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")  # a caption stream entry id (the resume cursor)
 
 
 class GrpcEncoderLink:
@@ -227,22 +229,28 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
             raise FailedPrecondition("the first message of StreamCaptions must be a SessionConfig")
         cfg = first.config
         if cfg.session_id:  # resume: replay events after resume_after_event_id (all when empty)
+            if cfg.resume_after_event_id and not EVENT_ID.match(cfg.resume_after_event_id):
+                raise InvalidArgument("resume_after_event_id must be an event_id this server sent (MS-SEQ)")
             session = self.gateway.resume(cfg.session_id, cfg.resume_secret, principal)
             cursor = cfg.resume_after_event_id or "0-0"
         else:
             session = self.gateway.create(settings_from_pb(cfg), tenant=principal.tenant)
             cursor = "0-0"
         generation = session.generation
-        yield captions_pb2.StreamCaptionsResponse(
-            started=captions_pb2.SessionStarted(
-                session_id=session.sid,
-                effective_config=settings_to_pb(session.settings, session.sid, cursor),
-                limits=limits_pb(limits),
-                resumed=session.resumed,
-                last_seq=session.audio_seq,
-                resume_secret="" if cfg.session_id else session.secret,
+        try:  # a call cancelled right here must not keep the session's slot for ever
+            yield captions_pb2.StreamCaptionsResponse(
+                started=captions_pb2.SessionStarted(
+                    session_id=session.sid,
+                    effective_config=settings_to_pb(session.settings, session.sid, cursor),
+                    limits=limits_pb(limits),
+                    resumed=session.resumed,
+                    last_seq=session.audio_seq,
+                    resume_secret="" if cfg.session_id else session.secret,
+                )
             )
-        )
+        except BaseException:
+            self.gateway.detach(session, generation)  # kept for a resume, then reaped
+            raise
         yield from self._relay(session, inbox, cursor, context, generation, wake)
 
     def _relay(

@@ -106,7 +106,9 @@ def test_audio_faster_than_real_time_is_refused_with_a_retry_hint(
     res = collect(stack.stub.StreamCaptions(iter(reqs), timeout=CALL_TIMEOUT_S))
     code, details, retry = refused(res)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "faster than 1x real time" in details, details
-    assert 0 < int(retry) <= 1000 and re.search(r"resume session \w+ and send from seq 2\d in", details), details
+    assert 0 < int(retry) <= 1000 and re.search(r"resume session \w+ and send from seq 2\d in", details), (
+        details
+    )
     # At real time it goes through.
     paced = make_stack(limits=GatewayLimits(max_realtime_factor=1.5, realtime_burst_seconds=1.0))
 
@@ -160,3 +162,41 @@ def test_offer_rate_and_media_sections_are_bounded() -> None:
     assert peer_host("ipv4:10.1.2.3:5555") == "10.1.2.3"
     assert peer_host("ipv6:[::1]:5555") == "::1"
     assert peer_host("unix:/tmp/x") == "unix"
+
+
+def test_calls_cancelled_before_their_first_answer_do_not_leak_session_slots(
+    make_stack: Callable[..., LiveStack],
+) -> None:
+    """M3: a client that cancels right after its SessionConfig gets its session detached (kept for
+    a resume, then reaped), not held by the gateway for ever."""
+    stack = make_stack(limits=GatewayLimits(resume_retention_seconds=0.5, max_streams_per_address=0))
+
+    def config_then_wait(stop: threading.Event) -> Iterator[object]:
+        yield config()
+        stop.wait(10)
+
+    for i in range(40):
+        stop = threading.Event()
+        call = stack.stub.StreamCaptions(config_then_wait(stop), timeout=10)
+        time.sleep(0.002 * (i % 8))
+        call.cancel()
+        stop.set()
+    deadline = time.monotonic() + 15
+    while len(stack.gateway.gateway) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(stack.gateway.gateway) == 0, "sessions of cancelled calls are still held"
+    assert collect(stack.stub.StreamCaptions(iter([config()]), timeout=CALL_TIMEOUT_S)).error is None
+
+
+def test_a_malformed_resume_cursor_is_invalid_not_internal(make_stack: Callable[..., LiveStack]) -> None:
+    from tests.e2e.helpers import remember
+
+    stack = make_stack()
+    first = collect(stack.stub.StreamCaptions(iter([config()]), timeout=CALL_TIMEOUT_S))
+    sid = remember(first.responses[0]).started.session_id
+    res = collect(
+        stack.stub.StreamCaptions(
+            iter([config(session_id=sid, resume_after_event_id="abc")]), timeout=CALL_TIMEOUT_S
+        )
+    )
+    assert res.error is not None and res.error.code() == grpc.StatusCode.INVALID_ARGUMENT, res.table()
