@@ -289,6 +289,7 @@ def start_stack(
     tls: tuple[str, str] | None = None,
     api_keys_file: str | None = None,
     allow_insecure_host: bool = False,
+    redis_dir: str | None = None,
 ) -> Stack:
     """Start everything and return once every service answers its health check. ``defaults``
     reach every child through the environment (they must agree across processes).
@@ -297,12 +298,15 @@ def start_stack(
 
     Only the gateway (and the page) listen on ``host``; the encoder and LM listen on 127.0.0.1
     and require a service token made here. ``tls`` (certificate, key) and ``api_keys_file``
-    protect the gateway; beyond loopback they are required unless ``allow_insecure_host``."""
+    protect the gateway; beyond loopback they are required unless ``allow_insecure_host``.
+    ``redis_dir``: the private Redis keeps its data there (append-only file) across restarts."""
     auth = bool(api_keys_file or os.environ.get(TOKEN_ENV))
     check_exposure(host, tls is not None, auth, allow_insecure_host, out)
     redis = None
     if not redis_url:
-        redis = start_private_redis()
+        redis = (
+            start_private_redis(workdir=Path(redis_dir), persist=True) if redis_dir else start_private_redis()
+        )
         try:
             redis_url = protect_private_redis(redis)
         except BaseException:
@@ -407,6 +411,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="let --host be a non-loopback address without TLS or API keys (anyone who reaches it can use it)",
     )
     p.add_argument(
+        "--redis-persist",
+        default=None,
+        metavar="DIR",
+        help="keep the private Redis's data in DIR (append-only file): sessions, captions and jobs "
+        "survive a restart of up (default: kept in memory only)",
+    )
+    p.add_argument(
         "--max-restarts",
         type=int,
         default=RestartPolicy.max_restarts,
@@ -449,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
         api_keys_file=args.api_keys_file,
         allow_insecure_host=args.allow_insecure_host,
+        redis_dir=args.redis_persist,
     )
     lines = [f"midasheng is up: gRPC gateway at {stack.gateway}"]
     if stack.http:
