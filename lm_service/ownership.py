@@ -10,6 +10,7 @@ is taken over, when the gateway abandoned it, or when it got no publication for
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -22,13 +23,13 @@ from lm_service.engines.base import CaptionEngine
 from lm_service.reader import PublicationReader
 from lm_service.schedule import CaptionSchedule, ScheduleState
 from services import metrics
-from services.errors import MidashengError, NotFound
+from services.errors import InvalidArgument, MidashengError, NotFound
 from services.transport import keys
 from services.transport.keys import TransportDefaults
 from services.transport.lease import Heartbeat, Lease
 from services.wire.events import CaptionStream
 from services.wire.load import LoadReport
-from services.wire.settings import settings_from_hash
+from services.wire.settings import QUESTIONS_FIELD, questions_from_text, settings_from_hash
 
 log = logging.getLogger(__name__)
 PENDING_REPORT_S = 5.0  # the pending-entries gauge is refreshed this often (one XPENDING per session)
@@ -44,6 +45,7 @@ class OwnedSession:
     last_publication: float = field(default_factory=time.monotonic)
     config_refreshed: float = 0.0  # when its config's TTL was last renewed (monotonic)
     allow_gap: bool = False  # a poison entry was dead-lettered: the next seq gap is expected
+    questions_text: bytes = b""  # its config's questions field as last read (changed live by gateways)
 
 
 class SessionOwnership:
@@ -97,6 +99,7 @@ class SessionOwnership:
         if not self.behind:
             self.adopt_free_sessions()
         self.drop_abandoned()
+        self.refresh_questions()
         if now - self._last_pending_report >= PENDING_REPORT_S:
             self._last_pending_report = now
             self.report_pending()
@@ -170,6 +173,7 @@ class SessionOwnership:
             settings, ScheduleState.from_hash(self.redis.hgetall(keys.session_state(sid)))
         )
         session = OwnedSession(sid, schedule, keys.session_tokens(sid))
+        session.questions_text = raw.get(QUESTIONS_FIELD.encode(), b"")
         self.reader.ensure_group(session)
         if schedule.last_seq:  # an earlier owner applied publications: rebuild the token buffer
             self.reader.replay_applied(session)
@@ -177,6 +181,28 @@ class SessionOwnership:
             metrics.LEASE_TAKEOVERS.inc()
         self.reader.claim_pending(session)  # a dead owner's pending publications become ours
         self.sessions[sid] = session
+
+    def refresh_questions(self) -> None:
+        """Pick up questions a gateway changed (``SetQuestions``): one round trip for every session;
+        they apply from the session's next publication on."""
+        sids = list(self.sessions)
+        if not sids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(keys.session_config(sid), QUESTIONS_FIELD)
+        for sid, raw in zip(sids, pipe.execute(), strict=True):
+            session = self.sessions.get(sid)
+            if session is None or raw is None or raw == session.questions_text:
+                continue
+            session.questions_text = raw
+            try:
+                questions = questions_from_text(raw)
+            except InvalidArgument as e:  # the gateway validates; keep the old ones if not
+                log.warning("session %s: ignoring malformed questions: %s", sid, e)
+                continue
+            sched = session.schedule
+            sched.settings = dataclasses.replace(sched.settings, questions=questions)
 
     # --- letting go -----------------------------------------------------------------------------
 

@@ -35,11 +35,13 @@ from lm_service.schedule import PlannedCaption, ScheduleState
 from services import metrics
 from services.errors import ConfigError
 from services.model.generation import GenerationOptions
+from services.monitor.answers import yes_no
 from services.transport import keys
 from services.transport.apply import ApplyStatus, apply_once
 from services.transport.keys import TransportDefaults
 from services.transport.streams import Entry, StreamClient, entry_time
 from services.wire.events import CaptionEvent, CaptionStream, EndEvent, EndReason, ErrorEvent
+from services.wire.settings import Question
 from services.wire.tokens import TokenMessage
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,8 @@ class _Publication:
     msg: TokenMessage
     plans: list[PlannedCaption]
     state: ScheduleState  # the session's state once its captions are durable
-    requests: int = 0  # how many of the work's futures are its captions
+    requests: int = 0  # how many of the work's futures are its captions and answers
+    questions: tuple[Question, ...] = ()  # the session's questions when it was planned
 
 
 @dataclass
@@ -228,15 +231,17 @@ class LMWorker:
         requests: list[CaptionRequest] = []
         state = sched.state
         for i, (entry, msg) in enumerate(admitted):
+            questions = sched.settings.questions
             try:
                 plans, next_state = sched.plan(msg, state, interim=i == len(admitted) - 1)
-                mine = [self._request(session, p) for p in plans]  # every planned window must be retained
+                # every planned window must be retained; its caption first, then one answer per question
+                mine = [r for p in plans for r in self._requests(session, p, questions)]
             except Exception as e:
                 self._poison(session, entry, f"publication {msg.seq} does not fit the session: {e}", msg=msg)
                 continue
             state = next_state
             requests += mine
-            work.publications.append(_Publication(entry, msg, plans, next_state, len(mine)))
+            work.publications.append(_Publication(entry, msg, plans, next_state, len(mine), questions))
         if not work.publications:
             return
         if len(admitted) > 1:
@@ -251,18 +256,25 @@ class LMWorker:
             return
         self.in_flight[session.sid] = work
 
-    def _request(self, session: OwnedSession, plan: PlannedCaption) -> CaptionRequest:
+    def _requests(
+        self, session: OwnedSession, plan: PlannedCaption, questions: tuple[Question, ...]
+    ) -> list[CaptionRequest]:
+        """The window's caption and its answers: the same audio (and stream), so the engine computes
+        the window's audio KV once and each answer only its question's tokens."""
         s = session.schedule.settings
         tokens = session.schedule.window(plan.start_token, plan.end_token)
-        return CaptionRequest(
-            tokens,
-            s.prompt,
-            GenerationOptions(max_new_tokens=s.max_new_tokens),
-            s.adapter,
-            stream=session.sid,
-            audio_start=plan.start_token,
-            num_final=max(0, min(plan.end_token, session.schedule.n_final) - plan.start_token),
-        )
+        return [
+            CaptionRequest(
+                tokens,
+                prompt,
+                GenerationOptions(max_new_tokens=s.max_new_tokens),
+                s.adapter,
+                stream=session.sid,
+                audio_start=plan.start_token,
+                num_final=max(0, min(plan.end_token, session.schedule.n_final) - plan.start_token),
+            )
+            for prompt in (s.prompt, *(q.text for q in questions))
+        ]
 
     def _collect(self) -> int:
         """Apply every publication whose captions are all done; returns how many were."""
@@ -305,10 +317,12 @@ class LMWorker:
         captions_key = keys.session_captions(session.sid)
         maxlen = self.defaults.captions_maxlen
         adapter = session.schedule.settings.adapter
-        outputs = [
-            (
-                captions_key,
-                CaptionEvent(
+        per_plan = 1 + len(pub.questions)
+        outputs = []
+        for i, plan in enumerate(pub.plans):
+            caption, *answers = results[i * per_plan : (i + 1) * per_plan]
+            for question, result in ((None, caption), *zip(pub.questions, answers, strict=True)):
+                event = CaptionEvent(
                     segment_id=plan.segment_id,
                     revision=plan.revision,
                     window_start=plan.window_start_seconds,
@@ -317,11 +331,10 @@ class LMWorker:
                     is_final=plan.is_final,
                     audio_seconds=msg.stream_seconds,
                     adapter=adapter,
-                ).to_fields(),
-                maxlen,
-            )
-            for plan, result in zip(pub.plans, results, strict=True)
-        ]
+                    question_id=question.id if question else "",
+                    answer=yes_no(result.text) if question else None,
+                )
+                outputs.append((captions_key, event.to_fields(), maxlen))
         if msg.end_of_stream:
             outputs.append(
                 (captions_key, EndEvent(EndReason.END_OF_STREAM, msg.stream_seconds).to_fields(), maxlen)

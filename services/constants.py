@@ -47,4 +47,6 @@ MAX_OFFLINE_NEW_TOKENS = 256  # tokens per offline caption (GenerationOptions.ma
 MAX_CLIP_SECONDS = 300.0  # s of audio one offline clip may decode to (longer: stream or segment it)
 MAX_BATCH_ITEMS = 64  # clips per BatchCaption
 MAX_LANGUAGE_CHARS = 35  # characters in a BCP-47 language hint
+MAX_QUESTIONS = 8  # questions of one live session (captions.proto Question)
+MAX_QUESTION_CHARS = 300  # characters of one question
 MAX_ADAPTER_CHARS = 64  # characters in an adapter name

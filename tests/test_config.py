@@ -28,12 +28,18 @@ SERVICES: dict[tuple[str, ...], tuple[type[config.Settings], ...]] = {
 }
 
 
+STRINGS = {"payload_dtype": "float16"}  # a valid non-default value of each text field
+
+
 def _changed(cls: type[config.Settings]) -> dict[str, object]:
     """A valid non-default value for every field."""
     d = cls()  # type: ignore[call-arg]
     out: dict[str, object] = {}
     for f in dataclasses.fields(d):  # type: ignore[arg-type]
         v = getattr(d, f.name)
+        if isinstance(v, str):
+            out[f.name] = STRINGS[f.name]
+            continue
         out[f.name] = (not v) if isinstance(v, bool) else v * 2 + 1 if isinstance(v, int) else v * 2 + 0.5
     if cls is TransportDefaults:
         out["heartbeat_ms"] = out["lease_ttl_ms"] // 4  # type: ignore[operator]

@@ -22,6 +22,7 @@ from typing import Annotated, ClassVar
 
 import grpc
 
+from services.constants import SAMPLE_RATE
 from services.errors import ConfigError, FailedPrecondition
 from services.pb.midasheng.v1 import captions_pb2
 
@@ -183,7 +184,7 @@ class StreamState:
         self.resume_secret = resume_secret
         self.last_event_id = last_event_id
         self.started: captions_pb2.SessionStarted | None = None
-        rate = config.sample_rate_hz or 16000
+        rate = config.sample_rate_hz or SAMPLE_RATE
         self.frame_bytes = (config.channels or 1) * BYTES_PER_SAMPLE.get(config.encoding, 2)
         self.bytes_per_second = rate * self.frame_bytes
         self._lock = threading.Lock()

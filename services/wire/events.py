@@ -64,8 +64,14 @@ class CaptionEvent:
     audio_seconds: float = 0.0  # s of audio the stream had received when this was made
     adapter: str = ""
     event_id: str = ""  # the stream entry id; empty until stored
+    question_id: str = ""  # "" = a caption; else the answer to the session's question of this id
+    answer: bool | None = None  # an answer read as yes/no (services.monitor.answers.yes_no)
 
     TYPE = "caption"
+
+    @property
+    def is_answer(self) -> bool:
+        return bool(self.question_id)
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -78,6 +84,11 @@ class CaptionEvent:
             "is_final": _flag(self.is_final),
             "audio_seconds": _f3(self.audio_seconds),
             "adapter": self.adapter,
+            **(
+                {"question_id": self.question_id, "answer": "" if self.answer is None else _flag(self.answer)}
+                if self.question_id
+                else {}
+            ),
         }
 
     def to_pb(self) -> captions_pb2.StreamCaptionsResponse:
@@ -92,6 +103,8 @@ class CaptionEvent:
                 is_final=self.is_final,
                 audio_processed_seconds=self.audio_seconds,
                 adapter=self.adapter,
+                question_id=self.question_id,
+                answer=_YES_NO_PB[self.answer],
             )
         )
 
@@ -107,7 +120,17 @@ class CaptionEvent:
             "is_final": self.is_final,
             "audio_seconds": self.audio_seconds,
             "adapter": self.adapter,
+            "question_id": self.question_id,
+            "answer": self.answer,
         }
+
+
+_YES_NO_PB = {
+    None: captions_pb2.CaptionEvent.YES_NO_UNSPECIFIED,
+    True: captions_pb2.CaptionEvent.YES,
+    False: captions_pb2.CaptionEvent.NO,
+}
+_YES_NO_TEXT = {"": None, "1": True, "0": False}
 
 
 @dataclass(frozen=True)
@@ -209,6 +232,8 @@ def from_fields(event_id: str, raw: Mapping[bytes, bytes] | Mapping[str, str]) -
                 audio_seconds=float(f.get("audio_seconds") or 0.0),
                 adapter=f.get("adapter", ""),
                 event_id=event_id,
+                question_id=f.get("question_id", ""),
+                answer=_YES_NO_TEXT[f.get("answer", "")],
             )
         if kind == ErrorEvent.TYPE:
             return ErrorEvent(
@@ -231,11 +256,12 @@ def from_fields(event_id: str, raw: Mapping[bytes, bytes] | Mapping[str, str]) -
 
 
 def final_captions(events: Sequence[Event]) -> list[TimedCaption]:
-    """The final caption of every segment, in stream order (a redelivered final replaces the earlier)."""
+    """The final caption of every segment, in stream order (a redelivered final replaces the
+    earlier); answers to questions are not captions."""
     finals = {
         ev.segment_id: TimedCaption(ev.window_start, ev.window_end, ev.text)
         for ev in events
-        if isinstance(ev, CaptionEvent) and ev.is_final
+        if isinstance(ev, CaptionEvent) and ev.is_final and not ev.is_answer
     }
     return [finals[k] for k in sorted(finals)]
 

@@ -8,8 +8,10 @@ gateway resuming a session). Every default lives in :class:`SessionSettings` (fr
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -17,7 +19,69 @@ from services import constants
 from services.audio.pcm import validate_format
 from services.errors import InvalidArgument
 from services.pb.midasheng.v1 import captions_pb2
-from services.wire.limits import SPECIAL_TOKEN, check_adapter_name
+from services.wire.limits import SPECIAL_TOKEN, check_adapter_name, check_prompt
+
+QUESTION_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question answered about every window of a live stream (``question_id`` on its answers)."""
+
+    id: str
+    text: str
+
+    def validate(self) -> None:
+        if not QUESTION_ID.match(self.id):
+            raise InvalidArgument(
+                f"question ids are 1 to 64 letters, digits, '.', '_' or '-', got {self.id!r}"
+            )
+        if not self.text.strip():
+            raise InvalidArgument(f"question {self.id!r} has no text")
+        check_prompt(self.text, constants.MAX_QUESTION_CHARS, f"question {self.id!r}")
+
+
+def check_questions(questions: Sequence[Question]) -> None:
+    if len(questions) > constants.MAX_QUESTIONS:
+        raise InvalidArgument(
+            f"at most {constants.MAX_QUESTIONS} questions per session, got {len(questions)}"
+        )
+    for q in questions:
+        q.validate()
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("question ids must be unique within the session")
+
+
+def questions_from_pb(items: Sequence[captions_pb2.Question]) -> tuple[Question, ...]:
+    out = tuple(Question(q.id, q.text.strip()) for q in items)
+    check_questions(out)
+    return out
+
+
+def questions_to_pb(questions: Sequence[Question]) -> list[captions_pb2.Question]:
+    return [captions_pb2.Question(id=q.id, text=q.text) for q in questions]
+
+
+def questions_from_json(value: object) -> tuple[Question, ...]:
+    """``[{"id": ..., "text": ...}, ...]`` (the page, the HTTP API, the config hash) -> questions."""
+    if value is None or value == "":
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(q, dict)
+        and set(q) <= {"id", "text"}
+        and isinstance(q.get("id"), str)
+        and isinstance(q.get("text"), str)
+        for q in value
+    ):
+        raise InvalidArgument('questions must be a list of {"id": "...", "text": "..."} objects')
+    out = tuple(Question(q["id"], q["text"].strip()) for q in value)
+    check_questions(out)
+    return out
+
+
+def questions_to_json(questions: Sequence[Question]) -> list[dict[str, str]]:
+    return [{"id": q.id, "text": q.text} for q in questions]
 
 
 @dataclass(frozen=True)
@@ -31,6 +95,7 @@ class SessionSettings:
     max_new_tokens: int = constants.DEFAULT_MAX_NEW_TOKENS
     adapter: str = ""  # "" = the base model
     interim_window: str = constants.DEFAULT_INTERIM_WINDOW  # what an interim describes (INTERIM_WINDOWS)
+    questions: tuple[Question, ...] = ()  # answered beside every caption
 
     def validate(self) -> None:
         if not 1.0 <= self.window_seconds <= 30.0:
@@ -49,6 +114,7 @@ class SessionSettings:
                 f"prompt may not contain the model's special tokens (found {m.group(0)!r})."
             )
         check_adapter_name(self.adapter)
+        check_questions(self.questions)
 
     @property
     def window_tokens(self) -> int:
@@ -75,9 +141,10 @@ class StreamSettings:
         self.session.validate()
 
 
-# The caption fields and the Python type each carries on every wire.
+# The caption fields and the Python type each carries on every wire (questions, a list of
+# messages, has translators of its own).
 SESSION_FIELDS: dict[str, type] = {
-    f.name: type(getattr(SessionSettings(), f.name)) for f in fields(SessionSettings)
+    f.name: type(getattr(SessionSettings(), f.name)) for f in fields(SessionSettings) if f.name != "questions"
 }
 
 # --- protobuf (captions.proto SessionConfig) -----------------------------------------------------
@@ -115,6 +182,7 @@ def settings_from_pb(cfg: captions_pb2.SessionConfig) -> StreamSettings:
         },
         interim_results=cfg.interim_results,  # a proto3 bool: false unless sent (captions.proto)
         interim_window=_PB_INTERIM.get(cfg.interim_window, "?"),  # an unknown value fails validation
+        questions=questions_from_pb(cfg.questions),
     )
     return StreamSettings(
         sample_rate=cfg.sample_rate_hz or base.sample_rate,
@@ -138,6 +206,7 @@ def settings_to_pb(
         resume_after_event_id=resume_after,
         interim_results=s.session.interim_results,
         interim_window=captions_pb2.InterimWindow.Value(s.session.interim_window.upper()),
+        questions=questions_to_pb(s.session.questions),
         **{name: getattr(s.session, name) for name in SESSION_FIELDS if name not in _PB_MAPPED},
     )
 
@@ -177,7 +246,7 @@ def settings_from_json(cfg: object) -> StreamSettings:
         cfg = {}
     if not isinstance(cfg, dict):
         raise InvalidArgument("config must be a JSON object")
-    unknown = set(cfg) - set(SESSION_FIELDS)
+    unknown = set(cfg) - set(SESSION_FIELDS) - {"questions"}
     if unknown:
         raise InvalidArgument(f"unknown config field(s): {', '.join(sorted(unknown))}")
     base = SessionSettings()
@@ -185,11 +254,15 @@ def settings_from_json(cfg: object) -> StreamSettings:
         name: _json_value(name, kind, cfg.get(name), getattr(base, name))
         for name, kind in SESSION_FIELDS.items()
     }
-    return StreamSettings(encoding=constants.FLOAT32, session=SessionSettings(**values))
+    questions = questions_from_json(cfg.get("questions"))
+    return StreamSettings(encoding=constants.FLOAT32, session=SessionSettings(**values, questions=questions))
 
 
 def session_to_json(s: SessionSettings) -> dict[str, Any]:
-    return {name: getattr(s, name) for name in SESSION_FIELDS}
+    return {
+        **{name: getattr(s, name) for name in SESSION_FIELDS},
+        "questions": questions_to_json(s.questions),
+    }
 
 
 # --- Redis config hash (gateway -> LM workers; resume) -------------------------------------------
@@ -211,8 +284,27 @@ def _from_text(kind: type, text: str) -> Any:
     return kind(text)
 
 
+QUESTIONS_FIELD = "questions"  # config hash field: the questions as JSON (changed live by the gateway)
+
+
+def questions_to_text(questions: Sequence[Question]) -> str:
+    return json.dumps(questions_to_json(questions), separators=(",", ":"), ensure_ascii=False)
+
+
+def questions_from_text(text: str | bytes | None) -> tuple[Question, ...]:
+    """The config hash's questions field -> questions (InvalidArgument when malformed)."""
+    if not text:
+        return ()
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"the session's questions are not JSON: {e}") from e
+    return questions_from_json(value)
+
+
 def settings_to_hash(s: StreamSettings) -> dict[str, str]:
     out = {name: _to_text(getattr(s.session, name)) for name in SESSION_FIELDS}
+    out[QUESTIONS_FIELD] = questions_to_text(s.session.questions)
     out.update({name: _to_text(getattr(s, name)) for name in _FORMAT_FIELDS})
     return out
 
@@ -229,7 +321,8 @@ def settings_from_hash(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> Stream
             **{
                 name: _from_text(kind, get[name]) if get.get(name) else getattr(base.session, name)
                 for name, kind in SESSION_FIELDS.items()
-            }
+            },
+            questions=questions_from_text(get.get(QUESTIONS_FIELD)),
         )
         s = StreamSettings(
             **{

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 import redis
@@ -30,10 +32,14 @@ CAPTION = CaptionEvent(
     audio_seconds=38.6,
     adapter="siren",
 )
+ANSWERS = [
+    dataclasses.replace(CAPTION, question_id="baby", text=t, answer=a)
+    for t, a in (("Yes, a baby is crying.", True), ("No.", False), ("A dog.", None))
+]
 ERROR = ErrorEvent(message="skipped one", reason="PUBLICATION_SKIPPED", fatal=False)
 FATAL = ErrorEvent(message="gone", reason="ENCODER_STATE_LOST", fatal=True, code="FAILED_PRECONDITION")
 END = EndEvent(EndReason.IDLE, 12.25)
-EVENTS: list[Event] = [CAPTION, ERROR, FATAL, END]
+EVENTS: list[Event] = [CAPTION, *ANSWERS, ERROR, FATAL, END]
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
@@ -77,7 +83,26 @@ def test_caption_pb_and_json_carry_every_field() -> None:
         "is_final": True,
         "audio_seconds": 38.6,
         "adapter": "siren",
+        "question_id": "",
+        "answer": None,
     }
+    assert pb.question_id == "" and pb.answer == captions_pb2.CaptionEvent.YES_NO_UNSPECIFIED
+    assert "question_id" not in CAPTION.to_fields()  # captions stay compact in Redis
+
+
+def test_answers_carry_their_question_and_yes_no() -> None:
+    pbs = [a.to_pb().caption for a in ANSWERS]
+    assert [(p.question_id, p.answer) for p in pbs] == [
+        ("baby", captions_pb2.CaptionEvent.YES),
+        ("baby", captions_pb2.CaptionEvent.NO),
+        ("baby", captions_pb2.CaptionEvent.YES_NO_UNSPECIFIED),
+    ]
+    assert [(a.to_json()["question_id"], a.to_json()["answer"]) for a in ANSWERS] == [
+        ("baby", True),
+        ("baby", False),
+        ("baby", None),
+    ]
+    assert final_captions([CAPTION, *ANSWERS]) == final_captions([CAPTION])  # answers are not captions
 
 
 def test_error_status_codes() -> None:

@@ -38,7 +38,7 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("sample_rate_hz", "encoding", "channels", "prompt", "window_seconds", "hop_seconds", "interim_results", "adapter", "language", "session_id", "resume_after_event_id", "max_new_tokens", "interim_window", "resume_secret")
+    __slots__ = ("sample_rate_hz", "encoding", "channels", "prompt", "window_seconds", "hop_seconds", "interim_results", "adapter", "language", "session_id", "resume_after_event_id", "max_new_tokens", "interim_window", "resume_secret", "questions")
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class SessionConfig(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     INTERIM_WINDOW_FIELD_NUMBER: _ClassVar[int]
     RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     sample_rate_hz: int
     encoding: AudioEncoding
     channels: int
@@ -67,7 +68,22 @@ class SessionConfig(_message.Message):
     max_new_tokens: int
     interim_window: InterimWindow
     resume_secret: str
-    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., prompt: _Optional[str] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_after_event_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., interim_window: _Optional[_Union[InterimWindow, str]] = ..., resume_secret: _Optional[str] = ...) -> None: ...
+    questions: _containers.RepeatedCompositeFieldContainer[Question]
+    def __init__(self, sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., channels: _Optional[int] = ..., prompt: _Optional[str] = ..., window_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., interim_results: _Optional[bool] = ..., adapter: _Optional[str] = ..., language: _Optional[str] = ..., session_id: _Optional[str] = ..., resume_after_event_id: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., interim_window: _Optional[_Union[InterimWindow, str]] = ..., resume_secret: _Optional[str] = ..., questions: _Optional[_Iterable[_Union[Question, _Mapping]]] = ...) -> None: ...
+
+class Question(_message.Message):
+    __slots__ = ("id", "text")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SetQuestions(_message.Message):
+    __slots__ = ("questions",)
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    questions: _containers.RepeatedCompositeFieldContainer[Question]
+    def __init__(self, questions: _Optional[_Iterable[_Union[Question, _Mapping]]] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data", "seq")
@@ -94,14 +110,16 @@ class Control(_message.Message):
     def __init__(self, action: _Optional[_Union[Control.Action, str]] = ...) -> None: ...
 
 class StreamCaptionsRequest(_message.Message):
-    __slots__ = ("config", "audio", "control")
+    __slots__ = ("config", "audio", "control", "set_questions")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FIELD_NUMBER: _ClassVar[int]
+    SET_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     audio: AudioChunk
     control: Control
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., control: _Optional[_Union[Control, _Mapping]] = ...) -> None: ...
+    set_questions: SetQuestions
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., control: _Optional[_Union[Control, _Mapping]] = ..., set_questions: _Optional[_Union[SetQuestions, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_chunk_bytes", "max_session_seconds", "max_buffered_seconds", "idle_timeout_seconds", "resume_retention_seconds", "max_prompt_chars", "max_new_tokens", "max_channels", "min_sample_rate_hz", "max_sample_rate_hz")
@@ -144,7 +162,15 @@ class SessionStarted(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., effective_config: _Optional[_Union[SessionConfig, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., resumed: _Optional[bool] = ..., last_seq: _Optional[int] = ..., resume_secret: _Optional[str] = ...) -> None: ...
 
 class CaptionEvent(_message.Message):
-    __slots__ = ("event_id", "segment_id", "revision", "window_start_seconds", "window_end_seconds", "text", "is_final", "audio_processed_seconds", "adapter")
+    __slots__ = ("event_id", "segment_id", "revision", "window_start_seconds", "window_end_seconds", "text", "is_final", "audio_processed_seconds", "adapter", "question_id", "answer")
+    class YesNo(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        YES_NO_UNSPECIFIED: _ClassVar[CaptionEvent.YesNo]
+        YES: _ClassVar[CaptionEvent.YesNo]
+        NO: _ClassVar[CaptionEvent.YesNo]
+    YES_NO_UNSPECIFIED: CaptionEvent.YesNo
+    YES: CaptionEvent.YesNo
+    NO: CaptionEvent.YesNo
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +180,8 @@ class CaptionEvent(_message.Message):
     IS_FINAL_FIELD_NUMBER: _ClassVar[int]
     AUDIO_PROCESSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     segment_id: int
     revision: int
@@ -163,7 +191,9 @@ class CaptionEvent(_message.Message):
     is_final: bool
     audio_processed_seconds: float
     adapter: str
-    def __init__(self, event_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., revision: _Optional[int] = ..., window_start_seconds: _Optional[float] = ..., window_end_seconds: _Optional[float] = ..., text: _Optional[str] = ..., is_final: _Optional[bool] = ..., audio_processed_seconds: _Optional[float] = ..., adapter: _Optional[str] = ...) -> None: ...
+    question_id: str
+    answer: CaptionEvent.YesNo
+    def __init__(self, event_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., revision: _Optional[int] = ..., window_start_seconds: _Optional[float] = ..., window_end_seconds: _Optional[float] = ..., text: _Optional[str] = ..., is_final: _Optional[bool] = ..., audio_processed_seconds: _Optional[float] = ..., adapter: _Optional[str] = ..., question_id: _Optional[str] = ..., answer: _Optional[_Union[CaptionEvent.YesNo, str]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "reason", "fatal")
