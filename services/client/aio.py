@@ -268,8 +268,8 @@ class AsyncLiveStream:
                     self._answered = True
                     ready.set()
                     self._started.set()
-                elif kind == "caption":
-                    assert isinstance(msg, captions_pb2.CaptionEvent)
+                elif kind in ("caption", "alert"):
+                    assert isinstance(msg, captions_pb2.CaptionEvent | captions_pb2.AlertEvent)
                     if self.state.on_event(msg):
                         await self._emit(msg)
                 elif kind == "error":

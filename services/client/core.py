@@ -28,8 +28,10 @@ from services.pb.midasheng.v1 import captions_pb2
 
 log = logging.getLogger(__name__)
 
-Event = captions_pb2.CaptionEvent | captions_pb2.StreamError | captions_pb2.SessionEnded
-"""What a stream yields: captions (and answers), non-fatal errors, and last the end of the session."""
+Event = (
+    captions_pb2.CaptionEvent | captions_pb2.AlertEvent | captions_pb2.StreamError | captions_pb2.SessionEnded
+)
+"""What a stream yields: captions (and answers), alerts, non-fatal errors, and last the end."""
 
 RESUMABLE = frozenset(
     {
@@ -256,12 +258,14 @@ class StreamState:
                 for c in self._unacked
             ]
 
-    def on_event(self, event: captions_pb2.CaptionEvent) -> bool:
-        """A caption arrived: move the cursor, let go of encoded audio. False for a repeat."""
+    def on_event(self, event: captions_pb2.CaptionEvent | captions_pb2.AlertEvent) -> bool:
+        """A caption or alert arrived: move the cursor, let go of encoded audio. False for a repeat."""
         if event.event_id and event.event_id == self.last_event_id:
             return False
         if event.event_id:
             self.last_event_id = event.event_id
+        if isinstance(event, captions_pb2.AlertEvent):
+            return True
         with self._lock:
             done = event.audio_processed_seconds
             while self._unacked and self._unacked[0].end_seconds <= done + 1e-6:

@@ -292,8 +292,8 @@ class LiveStream:
                     ready.set()
                     self._answered = True
                     self._started.set()
-                elif kind == "caption":
-                    assert isinstance(msg, captions_pb2.CaptionEvent)
+                elif kind in ("caption", "alert"):
+                    assert isinstance(msg, captions_pb2.CaptionEvent | captions_pb2.AlertEvent)
                     if self.state.on_event(msg):
                         self._emit(msg)
                 elif kind == "error":

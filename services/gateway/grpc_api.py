@@ -42,7 +42,7 @@ from services.pb.midasheng.v1 import (
 from services.security import CAPTION, INSECURE, STREAM, Authenticator, ClientCredentials
 from services.wire.events import CaptionEvent, EndEvent, EndReason, ErrorEvent, Event
 from services.wire.limits import check_batch_size, check_caption_request
-from services.wire.settings import settings_from_pb, settings_to_pb
+from services.wire.settings import questions_from_pb, settings_from_pb, settings_to_pb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -370,6 +370,8 @@ class CaptionServicer(captions_pb2_grpc.CaptionServiceServicer):
                 session.close()
             else:
                 raise InvalidArgument(f"unknown control action {action}")
+        elif kind == "set_questions":
+            self.gateway.set_questions(session, questions_from_pb(req.set_questions.questions))
         elif kind == "config":
             raise InvalidArgument("SessionConfig may only be the first message of a stream")
         else:

@@ -14,8 +14,8 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Annotated, ClassVar, Protocol
 
 import numpy as np
 import redis
@@ -40,7 +40,18 @@ from services.transport.keys import TransportDefaults
 from services.transport.streams import StreamClient
 from services.wire.events import CaptionStream, EndReason
 from services.wire.load import LoadReport
-from services.wire.settings import StreamSettings, settings_from_hash, settings_to_hash
+from services.wire.settings import (
+    QUESTIONS_FIELD,
+    Question,
+    StreamSettings,
+    check_questions,
+    questions_to_text,
+    settings_from_hash,
+    settings_to_hash,
+)
+
+if TYPE_CHECKING:
+    from services.monitor.live import LiveMonitor
 
 log = logging.getLogger(__name__)
 # Fields of a session's config hash (beside its settings) that the gateway keeps for resumes.
@@ -97,6 +108,9 @@ class GatewayLimits:
     drain_seconds: Annotated[
         float, "s open streams get to finish when the gateway stops (SIGTERM); new ones are refused"
     ] = 30.0
+    monitoring: Annotated[
+        bool, "watch the sessions this gateway takes audio for: rules, alerts, clips, history"
+    ] = True
 
 
 def check_limits(settings: StreamSettings, limits: GatewayLimits) -> None:
@@ -216,6 +230,8 @@ class LiveSession:
             self.samples += samples.size
             self.touch()
             self.last_audio = self.last_activity
+            if self.gateway.monitor is not None:
+                self.gateway.monitor.audio(self.sid, samples)
             self._push_due()
             metrics.CHUNK_SECONDS.observe(time.monotonic() - t0)
 
@@ -317,6 +333,7 @@ class LiveGateway:
         self._sessions: dict[str, LiveSession] = {}
         self._detached: dict[str, float] = {}  # sid -> monotonic time it lost its client
         self._lock = threading.Lock()
+        self.monitor: LiveMonitor | None = None  # set by start_gateway when monitoring is on
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -371,6 +388,8 @@ class LiveGateway:
         with self._lock:
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
+        if self.monitor is not None:
+            self.monitor.track(sid, tenant)
         log.info(
             "session %s started (%d Hz %s x%d, window %.1f s, hop %.1f s)",
             sid,
@@ -486,7 +505,34 @@ class LiveGateway:
             session.ended = ended
             self._sessions[sid] = session
             metrics.GATEWAY_SESSIONS.set(len(self._sessions))
-            return session
+        if self.monitor is not None:  # from its first event: history is idempotent, firings claimed once
+            self.monitor.track(sid, tenant, stream_time=None)
+        return session
+
+    def set_questions(self, session: LiveSession, questions: tuple[Question, ...]) -> None:
+        """New questions for a session (validated); LM workers answer them from the next update."""
+        check_questions(questions)
+        with session.lock:
+            session.settings = replace(
+                session.settings, session=replace(session.settings.session, questions=questions)
+            )
+        self.redis.hset(keys.session_config(session.sid), QUESTIONS_FIELD, questions_to_text(questions))
+
+    def set_questions_of(
+        self, sid: str, questions: tuple[Question, ...], principal: Principal, secret: str = ""
+    ) -> None:
+        """``set_questions`` for a session held anywhere (the HTTP API): needs the session's
+        tenant, the admin scope, or its resume secret."""
+        check_questions(questions)
+        if not self.redis.exists(keys.session_config(sid)):
+            raise NotFound(f"session {sid} does not exist or has expired")
+        self.check_read(sid, principal, secret)
+        with self._lock:
+            held = self._sessions.get(sid)
+        if held is not None:
+            self.set_questions(held, questions)
+        else:
+            self.redis.hset(keys.session_config(sid), QUESTIONS_FIELD, questions_to_text(questions))
 
     def mark_ended(self, sid: str, last_seq: int) -> None:
         """The encoder has the session's end: a resume from now on only replays events."""
@@ -553,4 +599,6 @@ class LiveGateway:
         return expired
 
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
         self.hub.close()

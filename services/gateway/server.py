@@ -13,6 +13,9 @@ from services.gateway.grpc_api import METHOD_SCOPES, SERVICE, CaptionServicer, G
 from services.gateway.http import HttpServer, parse_address, start_http
 from services.gateway.live import GatewayLimits, LiveGateway
 from services.gateway.webrtc import WebRtcLimits, ice_servers_from
+from services.monitor.limits import MonitorLimits
+from services.monitor.live import LiveMonitor
+from services.monitor.webhook import WebhookLimits
 from services.pb.midasheng.v1 import captions_pb2_grpc
 from services.runtime import Periodic
 from services.security import INSECURE, Authenticator, ClientCredentials, ServerSecurity, with_legacy_token
@@ -74,6 +77,8 @@ def start_gateway(
     internal: ClientCredentials = INSECURE,
     http_tls: tuple[str, str] | None = None,
     http_allowed_hosts: Sequence[str] = (),
+    monitor_limits: MonitorLimits | None = None,
+    webhook_limits: WebhookLimits | None = None,
 ) -> GatewayServer:
     """The gateway: public gRPC API on ``address`` (and the web page on ``http_address``).
 
@@ -87,6 +92,10 @@ def start_gateway(
     encoder = GrpcEncoderLink(encoder_target, credentials=internal)
     gateway = LiveGateway(client, encoder, limits, defaults)
     lim = gateway.limits
+    if lim.monitoring:
+        gateway.monitor = LiveMonitor(
+            redis_url, gateway.hub, gateway.defaults.captions_maxlen, monitor_limits, webhook_limits
+        )
     calls = {"stream": lim.max_sessions, "offline": lim.max_offline_calls, "other": OTHER_CALLS}
     limiter = rpc.ConcurrencyLimit(calls, CALL_GROUPS, lim.retry_after_seconds)
     threads = max_workers or sum(calls.values()) + HEALTH_THREADS  # every group's calls, and health
@@ -98,7 +107,14 @@ def start_gateway(
     servicer = CaptionServicer(gateway, lm_target, security.auth, internal)
     captions_pb2_grpc.add_CaptionServiceServicer_to_server(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE])
-    port = rpc.bind(server, address, security.credentials)
+    try:
+        port = rpc.bind(server, address, security.credentials)
+    except BaseException:  # e.g. the port is taken: let go of what was started
+        servicer.close()
+        encoder.shutdown()
+        gateway.close()
+        client.close()
+        raise
     server.start()
     reaper = Periodic("gateway-reaper", 1.0, gateway.reap).start()
     log.info("gateway listening on port %d", port)

@@ -307,7 +307,14 @@ class Observation:
     @classmethod
     def from_caption(cls, event: CaptionEvent) -> Observation:
         return cls(
-            event.event_id, event.text, event.is_final, event.window_start, event.window_end, event.segment_id
+            event.event_id,
+            event.text,
+            event.is_final,
+            event.window_start,
+            event.window_end,
+            event.segment_id,
+            event.question_id,
+            event.answer,
         )
 
 

@@ -92,12 +92,12 @@ class RedisTarget:
         return dict(self.options).get(name, default)
 
 
-def _retry() -> Retry:
+def _retry(cls: Any = Retry) -> Any:
     retries, total = 0, 0.0
     while total < FAILOVER_RETRY_S:
         retries += 1
         total += min(_RETRY_CAP_S, _RETRY_BASE_S * 2**retries)
-    return Retry(ExponentialBackoff(cap=_RETRY_CAP_S, base=_RETRY_BASE_S), retries)
+    return cls(ExponentialBackoff(cap=_RETRY_CAP_S, base=_RETRY_BASE_S), retries)
 
 
 def _int_option(name: str, raw: str, minimum: int) -> int:
@@ -206,6 +206,72 @@ def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
     return kw
 
 
+@dataclass(frozen=True)
+class _Flavour:
+    """The classes of one redis-py flavour (blocking or asyncio)."""
+
+    redis: Any
+    sentinel: Any
+    cluster: Any
+    node: Any
+    retry: Any
+
+
+_BLOCKING = _Flavour(redis.Redis, Sentinel, RedisCluster, ClusterNode, Retry)
+
+
+def _asyncio_flavour() -> _Flavour:
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.asyncio.retry
+    import redis.asyncio.sentinel
+
+    return _Flavour(
+        redis.asyncio.Redis,
+        redis.asyncio.sentinel.Sentinel,
+        redis.asyncio.cluster.RedisCluster,
+        redis.asyncio.cluster.ClusterNode,
+        redis.asyncio.retry.Retry,
+    )
+
+
+def _build(url: str, flavour: _Flavour, common: dict[str, Any]) -> Any:
+    target = parse_url(url)
+    client: Any
+    if target.kind == "single":
+        client = flavour.redis.from_url(target.url, **common)
+    elif target.kind == "sentinel":
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": common["socket_connect_timeout"],
+            "socket_connect_timeout": common["socket_connect_timeout"],
+        }
+        if target.option("sentinel_password"):
+            sentinel_kwargs["password"] = target.option("sentinel_password")
+        if target.option("sentinel_tls") in ("1", "true", "yes"):
+            sentinel_kwargs.update(_tls_kwargs(target) or {"ssl": True})
+        sentinel = flavour.sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
+        client = sentinel.master_for(
+            target.service,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            retry=_retry(flavour.retry),
+            **common,
+            **_tls_kwargs(target),
+        )
+    else:
+        client = flavour.cluster(
+            startup_nodes=[flavour.node(h, p) for h, p in target.nodes],
+            username=target.username,
+            password=target.password,
+            retry=_retry(flavour.retry),
+            **common,
+            **_tls_kwargs(target),
+        )
+    client.midasheng_wait = target.wait
+    return client
+
+
 def connect(
     url: str,
     *,
@@ -216,45 +282,30 @@ def connect(
     """A client for ``url`` (see the module docstring). A Cluster URL gives a
     ``redis.cluster.RedisCluster``, which offers the same commands for keys of one slot; the
     transport (``services/transport``) makes every multi-key operation slot-safe."""
-    target = parse_url(url)
-    common: dict[str, Any] = {
+    common = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout,
         "decode_responses": decode_responses,
     }
-    client: Any
-    if target.kind == "single":
-        client = redis.Redis.from_url(target.url, **common)
-    elif target.kind == "sentinel":
-        sentinel_kwargs: dict[str, Any] = {
-            "socket_timeout": socket_connect_timeout,
-            "socket_connect_timeout": socket_connect_timeout,
-        }
-        if target.option("sentinel_password"):
-            sentinel_kwargs["password"] = target.option("sentinel_password")
-        if target.option("sentinel_tls") in ("1", "true", "yes"):
-            sentinel_kwargs.update(_tls_kwargs(target) or {"ssl": True})
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
-        client = sentinel.master_for(
-            target.service,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            retry=_retry(),
-            **common,
-            **_tls_kwargs(target),
-        )
-    else:
-        client = RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
-            username=target.username,
-            password=target.password,
-            retry=_retry(),
-            **common,
-            **_tls_kwargs(target),
-        )
-    client.midasheng_wait = target.wait
+    client: redis.Redis = _build(url, _BLOCKING, common)
     return client
+
+
+def connect_async(
+    url: str,
+    *,
+    socket_timeout: float | None = 5.0,
+    socket_connect_timeout: float = 5.0,
+    decode_responses: bool = False,
+) -> Any:
+    """The asyncio client (``redis.asyncio``) for ``url``, like :func:`connect` (the same URL forms);
+    create it inside the event loop that uses it."""
+    common = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+        "decode_responses": decode_responses,
+    }
+    return _build(url, _asyncio_flavour(), common)
 
 
 def is_cluster(client: Any) -> bool:

@@ -241,3 +241,16 @@ def monitor_clip(tenant: str, alert_id: str) -> str:
 def monitor_history(tenant: str) -> str:
     """Sorted set of the tenant's caption/answer/alert history: entry JSON -> wall time, unix ms."""
     return _tenant(tenant, "history")
+
+
+def monitor_alerts(tenant: str) -> str:
+    """Capped stream of the tenant's alerts (the alert JSON in field ``alert``), newest last."""
+    return _tenant(tenant, "alerts")
+
+
+def monitor_alert_once(tenant: str, digest: str) -> str:
+    """String with TTL claiming one firing (rule, stream, event): a firing replayed after a gateway
+    failover is not alerted twice. ``digest`` is a hex hash of what fired."""
+    if not digest.isalnum():
+        raise InvalidArgument(f"an alert digest is hex, got {digest!r}")
+    return _tenant(tenant, f"fired:{digest}")

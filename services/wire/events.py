@@ -209,7 +209,70 @@ class EndEvent:
         }
 
 
-Event = CaptionEvent | ErrorEvent | EndEvent
+@dataclass(frozen=True)
+class AlertEvent:
+    """A monitoring rule fired on the session (written by the gateway that takes its audio)."""
+
+    alert_id: str
+    rule_id: str
+    kind: str  # the rule's kind (services.monitor.rules.KINDS)
+    text: str
+    window_start: float  # s of stream time
+    window_end: float  # s
+    question_id: str = ""
+    fired_at: float = 0.0  # unix s
+    has_clip: bool = False
+    event_id: str = ""
+
+    TYPE = "alert"
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            TYPE_FIELD: self.TYPE,
+            "alert_id": self.alert_id,
+            "rule_id": self.rule_id,
+            "kind": self.kind,
+            "text": self.text,
+            "window_start": _f3(self.window_start),
+            "window_end": _f3(self.window_end),
+            "question_id": self.question_id,
+            "fired_at": _f3(self.fired_at),
+            "has_clip": _flag(self.has_clip),
+        }
+
+    def to_pb(self) -> captions_pb2.StreamCaptionsResponse:
+        return captions_pb2.StreamCaptionsResponse(
+            alert=captions_pb2.AlertEvent(
+                event_id=self.event_id,
+                alert_id=self.alert_id,
+                rule_id=self.rule_id,
+                kind=self.kind,
+                text=self.text,
+                window_start_seconds=self.window_start,
+                window_end_seconds=self.window_end,
+                question_id=self.question_id,
+                fired_at=self.fired_at,
+                has_clip=self.has_clip,
+            )
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "event_id": self.event_id,
+            "alert_id": self.alert_id,
+            "rule_id": self.rule_id,
+            "kind": self.kind,
+            "text": self.text,
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "question_id": self.question_id,
+            "fired_at": self.fired_at,
+            "has_clip": self.has_clip,
+        }
+
+
+Event = CaptionEvent | ErrorEvent | EndEvent | AlertEvent
 
 
 def _text(x: bytes | str) -> str:
@@ -241,6 +304,19 @@ def from_fields(event_id: str, raw: Mapping[bytes, bytes] | Mapping[str, str]) -
                 reason=f.get("reason", "CAPTION_WORKER"),
                 fatal=f.get("fatal") == "1",
                 code=f.get("code", ""),
+                event_id=event_id,
+            )
+        if kind == AlertEvent.TYPE:
+            return AlertEvent(
+                alert_id=f["alert_id"],
+                rule_id=f["rule_id"],
+                kind=f["kind"],
+                text=f.get("text", ""),
+                window_start=float(f["window_start"]),
+                window_end=float(f["window_end"]),
+                question_id=f.get("question_id", ""),
+                fired_at=float(f.get("fired_at") or 0.0),
+                has_clip=f.get("has_clip") == "1",
                 event_id=event_id,
             )
         if kind == EndEvent.TYPE:

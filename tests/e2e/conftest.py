@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -47,7 +48,8 @@ class LiveStack:
 def make_stack(
     redis_url: str, engine: CaptionEngine, encoder_model: MiDashengLM
 ) -> Iterator[Callable[..., LiveStack]]:
-    """Factory: ``make_stack(limits=..., token=..., defaults=..., lm_workers=1)``; all stopped at teardown."""
+    """Factory: ``make_stack(limits=..., token=..., defaults=..., lm_workers=1, **start_gateway
+    keywords)``; all stopped at teardown."""
     stacks: list[LiveStack] = []
 
     def make(
@@ -57,6 +59,7 @@ def make_stack(
         lm_workers: int = 1,
         lm_target: str | None = None,
         lm_limits: WorkerLimits | None = None,
+        **gateway_kw: Any,
     ) -> LiveStack:
         enc = start_encoder_server(encoder_model, redis_url, defaults=defaults)
         lm = None
@@ -65,7 +68,9 @@ def make_stack(
                 engine, redis_url, workers=lm_workers, defaults=defaults, worker_prefix="lm", limits=lm_limits
             )
             lm_target = f"127.0.0.1:{lm.port}"
-        gw = start_gateway(redis_url, f"127.0.0.1:{enc.port}", lm_target, limits=limits, token=token)
+        gw = start_gateway(
+            redis_url, f"127.0.0.1:{enc.port}", lm_target, limits=limits, token=token, **gateway_kw
+        )
         channel = grpc.insecure_channel(f"127.0.0.1:{gw.port}")
         stack = LiveStack(redis_url, enc, lm, gw, channel, captions_pb2_grpc.CaptionServiceStub(channel))
         stacks.append(stack)

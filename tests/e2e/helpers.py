@@ -126,7 +126,7 @@ class Collected:
 
     @property
     def finals(self) -> list[captions_pb2.CaptionEvent]:
-        return [c for c in self.captions if c.is_final]
+        return [c for c in self.captions if c.is_final and not c.question_id]  # captions, not answers
 
     @property
     def errors(self) -> list[captions_pb2.StreamError]:

@@ -37,7 +37,9 @@ class Recorder:
 
 def session_with(enc: Recorder, rate: int, hop: float = 1.0) -> LiveSession:
     settings = StreamSettings(sample_rate=rate, session=SessionSettings(hop_seconds=hop))
-    gateway = SimpleNamespace(limits=GatewayLimits(), encoder=enc, mark_ended=lambda sid, seq: None)
+    gateway = SimpleNamespace(
+        limits=GatewayLimits(), encoder=enc, mark_ended=lambda sid, seq: None, monitor=None
+    )
     return LiveSession(gateway, "s", settings)  # type: ignore[arg-type]
 
 

@@ -12,6 +12,7 @@ from services.errors import InvalidArgument
 from services.pb.midasheng.v1 import captions_pb2
 from services.transport.streams import StreamClient
 from services.wire.events import (
+    AlertEvent,
     CaptionEvent,
     CaptionStream,
     EndEvent,
@@ -39,7 +40,8 @@ ANSWERS = [
 ERROR = ErrorEvent(message="skipped one", reason="PUBLICATION_SKIPPED", fatal=False)
 FATAL = ErrorEvent(message="gone", reason="ENCODER_STATE_LOST", fatal=True, code="FAILED_PRECONDITION")
 END = EndEvent(EndReason.IDLE, 12.25)
-EVENTS: list[Event] = [CAPTION, *ANSWERS, ERROR, FATAL, END]
+ALERT = AlertEvent("1700000000000-ab12", "baby", "answer_true", "Yes.", 10.0, 20.0, "cry", 1.7e9, True)
+EVENTS: list[Event] = [CAPTION, *ANSWERS, ALERT, ERROR, FATAL, END]
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
@@ -88,6 +90,21 @@ def test_caption_pb_and_json_carry_every_field() -> None:
     }
     assert pb.question_id == "" and pb.answer == captions_pb2.CaptionEvent.YES_NO_UNSPECIFIED
     assert "question_id" not in CAPTION.to_fields()  # captions stay compact in Redis
+
+
+def test_alerts_reach_every_wire() -> None:
+    ev = dataclasses.replace(ALERT, event_id="9-0")
+    pb = ev.to_pb().alert
+    assert (pb.event_id, pb.alert_id, pb.rule_id, pb.kind, pb.question_id, pb.has_clip) == (
+        "9-0",
+        ALERT.alert_id,
+        "baby",
+        "answer_true",
+        "cry",
+        True,
+    )
+    assert (pb.window_start_seconds, pb.window_end_seconds) == (10.0, 20.0)
+    assert ev.to_json()["type"] == "alert" and ev.to_json()["alert_id"] == ALERT.alert_id
 
 
 def test_answers_carry_their_question_and_yes_no() -> None:

@@ -195,6 +195,30 @@ class CaptionEvent(_message.Message):
     answer: CaptionEvent.YesNo
     def __init__(self, event_id: _Optional[str] = ..., segment_id: _Optional[int] = ..., revision: _Optional[int] = ..., window_start_seconds: _Optional[float] = ..., window_end_seconds: _Optional[float] = ..., text: _Optional[str] = ..., is_final: _Optional[bool] = ..., audio_processed_seconds: _Optional[float] = ..., adapter: _Optional[str] = ..., question_id: _Optional[str] = ..., answer: _Optional[_Union[CaptionEvent.YesNo, str]] = ...) -> None: ...
 
+class AlertEvent(_message.Message):
+    __slots__ = ("event_id", "alert_id", "rule_id", "kind", "text", "window_start_seconds", "window_end_seconds", "question_id", "fired_at", "has_clip")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALERT_ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    HAS_CLIP_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    alert_id: str
+    rule_id: str
+    kind: str
+    text: str
+    window_start_seconds: float
+    window_end_seconds: float
+    question_id: str
+    fired_at: float
+    has_clip: bool
+    def __init__(self, event_id: _Optional[str] = ..., alert_id: _Optional[str] = ..., rule_id: _Optional[str] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ..., window_start_seconds: _Optional[float] = ..., window_end_seconds: _Optional[float] = ..., question_id: _Optional[str] = ..., fired_at: _Optional[float] = ..., has_clip: _Optional[bool] = ...) -> None: ...
+
 class StreamError(_message.Message):
     __slots__ = ("code", "message", "reason", "fatal")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -232,16 +256,18 @@ class SessionEnded(_message.Message):
     def __init__(self, reason: _Optional[_Union[SessionEnded.Reason, str]] = ..., total_audio_seconds: _Optional[float] = ..., last_event_id: _Optional[str] = ...) -> None: ...
 
 class StreamCaptionsResponse(_message.Message):
-    __slots__ = ("started", "caption", "error", "ended")
+    __slots__ = ("started", "caption", "error", "ended", "alert")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
     started: SessionStarted
     caption: CaptionEvent
     error: StreamError
     ended: SessionEnded
-    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., caption: _Optional[_Union[CaptionEvent, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
+    alert: AlertEvent
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., caption: _Optional[_Union[CaptionEvent, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., alert: _Optional[_Union[AlertEvent, _Mapping]] = ...) -> None: ...
 
 class RawAudio(_message.Message):
     __slots__ = ("data", "sample_rate_hz", "encoding", "channels")
