@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25  # how often events and audio levels are looked at
 RULES_REFRESH_S = 2.0  # how often each tenant's rule version is checked
 NO_AUDIO_AFTER_S = 1.0  # wall time without audio before a span counts as "no audio"
+LEVELS_EVERY_S = 1.0  # how often the sessions' audio levels are published (monitoring view)
+LEVEL_SPAN_S = 1.0  # the level published is of the newest this many seconds
+LEVELS_TTL_S = 60  # a tenant's levels hash outlives its last update by this long
 ALERTS_MAXLEN = 10_000  # alerts kept per tenant stream
 FIRED_TTL_S = 86_400  # how long a firing's claim is kept
 
@@ -83,6 +86,8 @@ class LiveMonitor:
         self._rules: dict[str, tuple[int, list[Rule]]] = {}  # tenant -> (version, rules)
         self._checked: dict[str, float] = {}  # tenant -> when its version was last read
         self.fired = 0  # alerts written (for tests and metrics)
+        self._levels_at = 0.0
+        self._gone: list[tuple[str, str]] = []  # untracked sessions whose level is to be removed
         self._stop = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -120,6 +125,7 @@ class LiveMonitor:
             t = self._tracked.pop(sid, None)
         if t is not None:
             self.hub.unsubscribe(t.sub)
+            self._gone.append((t.tenant, sid))
 
     def tracking(self, sid: str) -> bool:
         return sid in self._tracked
@@ -165,6 +171,7 @@ class LiveMonitor:
         with self._lock:
             tracked = list(self._tracked.values())
         await self._refresh_rules({t.tenant for t in tracked})
+        await self._publish_levels(tracked)
         for t in tracked:
             alerts: list[tuple[Alert, Rule | None]] = []
             history: list[HistoryEntry] = []
@@ -199,6 +206,31 @@ class LiveMonitor:
             return []
         t.level_time = max(t.level_time, end + quiet)
         return t.rules.observe_level(t.level_time, NO_AUDIO)
+
+    async def _publish_levels(self, tracked: list[_Tracked]) -> None:
+        """Each session's current level (dBFS of its newest second) for the monitoring view."""
+        now = time.monotonic()
+        if now - self._levels_at < LEVELS_EVERY_S:
+            return
+        self._levels_at = now
+        by_tenant: dict[str, dict[str, str]] = {}
+        wall = self.wall_clock()
+        for t in tracked:
+            if t.ring is None or t.ended:
+                continue
+            with t.lock:
+                dbfs = t.ring.level_dbfs(LEVEL_SPAN_S) if now - t.last_audio < NO_AUDIO_AFTER_S else NO_AUDIO
+            level = "-inf" if dbfs == NO_AUDIO else f"{dbfs:.1f}"
+            by_tenant.setdefault(t.tenant, {})[t.sid] = f"{level} {wall:.0f}"
+        gone, self._gone = self._gone, []
+        for tenant, sid in gone:
+            await self.redis.hdel(keys.monitor_levels(tenant), sid)
+        for tenant, levels in by_tenant.items():
+            key = keys.monitor_levels(tenant)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key, mapping=levels)
+            pipe.expire(key, LEVELS_TTL_S)
+            await pipe.execute()
 
     def _with_rules(self, t: _Tracked, alerts: list[Alert]) -> list[tuple[Alert, Rule | None]]:
         by_id = {r.rule_id: r for r in t.rules.rules}

@@ -254,3 +254,9 @@ def monitor_alert_once(tenant: str, digest: str) -> str:
     if not digest.isalnum():
         raise InvalidArgument(f"an alert digest is hex, got {digest!r}")
     return _tenant(tenant, f"fired:{digest}")
+
+
+def monitor_levels(tenant: str) -> str:
+    """Hash of the tenant's live audio levels: session id -> "dBFS unix_s" (the gateway taking its
+    audio writes it every second; the monitoring view reads it)."""
+    return _tenant(tenant, "levels")
