@@ -37,8 +37,9 @@ def env_name(cls: type[Settings], name: str) -> str:
     return f"{ENV_PREFIX}{cls.ENV_GROUP}_{name.upper()}"
 
 
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag_name(cls: type[Settings], name: str) -> str:
+    """``--field-name``, after the class's ``FLAG_PREFIX`` when it has one (``--webhook-...``)."""
+    return "--" + getattr(cls, "FLAG_PREFIX", "") + name.replace("_", "-")
 
 
 def _dest(cls: type[Settings], name: str) -> str:
@@ -85,7 +86,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], skip: tuple[
         text = f"{doc} (default: {getattr(defaults, name)}; env {env_name(cls, name)})".lstrip()
         if kind is bool:
             group.add_argument(
-                flag_name(name),
+                flag_name(cls, name),
                 dest=_dest(cls, name),
                 action=argparse.BooleanOptionalAction,
                 default=None,
@@ -93,7 +94,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], skip: tuple[
             )
         else:
             group.add_argument(
-                flag_name(name),
+                flag_name(cls, name),
                 dest=_dest(cls, name),
                 type=kind,
                 default=None,

@@ -15,11 +15,13 @@ from services.errors import ConfigError
 from services.gateway.live import GatewayLimits
 from services.gateway.webrtc import WebRtcLimits
 from services.jobs.store import JobDefaults
+from services.monitor.limits import MonitorLimits
+from services.monitor.webhook import WebhookLimits
 from services.transport.keys import TransportDefaults
 
 # Which settings each service command takes.
 SERVICES: dict[tuple[str, ...], tuple[type[config.Settings], ...]] = {
-    ("gateway",): (GatewayLimits, WebRtcLimits, TransportDefaults),
+    ("gateway",): (GatewayLimits, WebRtcLimits, MonitorLimits, WebhookLimits, TransportDefaults),
     ("encoder",): (EncoderLimits, TransportDefaults),
     ("lm",): (WorkerLimits, TransportDefaults),
     ("jobs", "serve"): (JobDefaults,),
@@ -60,10 +62,9 @@ def test_every_field_is_a_flag_and_arrives(
     flags: list[str] = []
     for cls in classes:
         for name, value in _changed(cls).items():
+            flag = config.flag_name(cls, name)
             flags += (
-                [f"--{name.replace('_', '-')}", str(value)]
-                if not isinstance(value, bool)
-                else [f"--{'' if value else 'no-'}{name.replace('_', '-')}"]
+                [flag, str(value)] if not isinstance(value, bool) else [flag if value else "--no-" + flag[2:]]
             )
     args = parser.parse_args([*argv, *flags])
     for cls in classes:

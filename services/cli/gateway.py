@@ -12,6 +12,8 @@ from services.errors import ConfigError
 from services.gateway.live import GatewayLimits
 from services.gateway.webrtc import WebRtcLimits
 from services.metrics import serve_metrics
+from services.monitor.limits import MonitorLimits
+from services.monitor.webhook import WebhookLimits
 from services.runtime import redis_url_from, wait_for_shutdown
 from services.transport.keys import TransportDefaults
 
@@ -60,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     config.add_flags(p, GatewayLimits)
     config.add_flags(p, WebRtcLimits)
+    config.add_flags(p, MonitorLimits)
+    config.add_flags(p, WebhookLimits)
     config.add_flags(p, TransportDefaults)
     p.add_argument(
         "--token-file",
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         internal=client_credentials(settings),
         http_tls=(settings.tls_cert, settings.tls_key) if settings.serves_tls else None,
         http_allowed_hosts=[h.strip() for h in args.http_allowed_hosts.split(",") if h.strip()],
+        monitor_limits=config.from_args(MonitorLimits, args),
+        webhook_limits=config.from_args(WebhookLimits, args),
     )
     serve_metrics(args.metrics_port)
     print(f"gateway ready on port {srv.port}", flush=True)

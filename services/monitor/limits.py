@@ -32,6 +32,7 @@ class MonitorLimits:
     """Caps and retention of the monitoring stores; every number carries its unit."""
 
     ENV_GROUP: ClassVar[str] = "MONITOR"
+    FLAG_PREFIX: ClassVar[str] = "monitor-"  # --monitor-max-rules, ...
 
     max_rules: Annotated[int, "monitoring rules per tenant"] = 100
     history_retention_seconds: Annotated[int, "s a history entry is kept"] = 7 * DAY_SECONDS

@@ -49,6 +49,7 @@ class WebhookLimits:
     """How alerts are delivered to webhooks: queue, attempts, backoff, dead letters, targets."""
 
     ENV_GROUP: ClassVar[str] = "WEBHOOK"
+    FLAG_PREFIX: ClassVar[str] = "webhook-"  # --webhook-queue-size, ...
 
     queue_size: Annotated[int, "deliveries waiting at most (more are dead-lettered)"] = 1000
     workers: Annotated[int, "deliveries in flight at once"] = 4
