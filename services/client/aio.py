@@ -28,18 +28,23 @@ import grpc
 import grpc.aio
 
 from services.client.core import (
+    EMIT,
+    END,
+    RESUME,
+    STARTED,
     Backpressure,
     ClientLimits,
     Event,
     Reconnects,
     StreamFailed,
     StreamState,
+    StreamView,
     close_request,
-    finalize_request,
     keep_alive_request,
     metadata,
+    next_step,
+    resume_state,
     session_config,
-    unwrap,
 )
 from services.errors import FailedPrecondition
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
@@ -85,9 +90,7 @@ class AsyncCaptionClient:
         last_event_id: str = "",
         config: captions_pb2.SessionConfig | None = None,
     ) -> AsyncLiveStream:
-        state = StreamState(
-            config or captions_pb2.SessionConfig(), self.limits, session_id, resume_secret, last_event_id
-        )
+        state = resume_state(self.limits, session_id, resume_secret, last_event_id, config)
         return AsyncLiveStream(self, state)
 
     async def close(self) -> None:
@@ -100,7 +103,7 @@ class AsyncCaptionClient:
         await self.close()
 
 
-class AsyncLiveStream:
+class AsyncLiveStream(StreamView):
     """One live session: ``await send(...)`` audio, ``async for`` its events."""
 
     def __init__(self, client: AsyncCaptionClient, state: StreamState) -> None:
@@ -114,18 +117,6 @@ class AsyncLiveStream:
         self._answered = False
         self.reconnects = Reconnects(self.limits, client.target)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="midasheng-stream")
-
-    @property
-    def session_id(self) -> str:
-        return self.state.session_id
-
-    @property
-    def resume_secret(self) -> str:
-        return self.state.resume_secret
-
-    @property
-    def last_event_id(self) -> str:
-        return self.state.last_event_id
 
     async def wait_started(self, timeout: float = 30.0) -> captions_pb2.SessionStarted:
         try:
@@ -241,8 +232,7 @@ class AsyncLiveStream:
                     continue
                 item = await self._out.get()
                 if item is _END:
-                    self.state.finalize_requested = True
-                    await call.write(finalize_request())
+                    await call.write(self.state.finalize())
                 elif isinstance(item, bytes):
                     await call.write(self.state.number(item))
                 else:
@@ -259,27 +249,18 @@ class AsyncLiveStream:
                     if writer.done() and not writer.cancelled() and writer.exception() is not None:
                         raise writer.exception()  # type: ignore[misc]
                     return self._closed.is_set()
-                kind, msg = unwrap(resp)
-                if kind == "started":
-                    assert isinstance(msg, captions_pb2.SessionStarted)
-                    resend[:] = self.state.on_started(msg)
-                    if self.state.finalize_requested:
-                        resend.append(finalize_request())
+                step = next_step(self.state, resp)
+                if step.action == STARTED:
+                    resend[:] = step.resend
                     self._answered = True
                     ready.set()
                     self._started.set()
-                elif kind in ("caption", "alert"):
-                    assert isinstance(msg, captions_pb2.CaptionEvent | captions_pb2.AlertEvent)
-                    if self.state.on_event(msg):
-                        await self._emit(msg)
-                elif kind == "error":
-                    await self._emit(msg)
-                elif kind == "ended":
-                    assert isinstance(msg, captions_pb2.SessionEnded)
-                    if msg.reason == captions_pb2.SessionEnded.SERVER_SHUTDOWN:
-                        return False
-                    await self._emit(msg)
-                    return True
+                elif step.action in (EMIT, END):
+                    await self._emit(step.event)
+                    if step.action == END:
+                        return True
+                elif step.action == RESUME:
+                    return False
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.RpcError, TimeoutError):

@@ -220,6 +220,11 @@ class StreamState:
         step -= step % self.frame_bytes
         return [data[k : min(k + step, whole)] for k in range(0, whole, step)]
 
+    def finalize(self) -> captions_pb2.StreamCaptionsRequest:
+        """The FINALIZE request; remembered, so a resumed call asks for it again."""
+        self.finalize_requested = True
+        return finalize_request()
+
     def has_room(self) -> bool:
         with self._lock:
             return self._unacked_bytes < self.limits.max_unacked_seconds * self.bytes_per_second
@@ -294,9 +299,66 @@ def keep_alive_request() -> captions_pb2.StreamCaptionsRequest:
     )
 
 
-def unwrap(resp: captions_pb2.StreamCaptionsResponse) -> tuple[str, object]:
-    kind = resp.WhichOneof("response") or ""
-    return kind, getattr(resp, kind) if kind else None
+STARTED, EMIT, RESUME, END, SKIP = "started", "emit", "resume", "end", "skip"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a stream does with one response (the same for both clients)."""
+
+    action: str  # STARTED (send ``resend``), EMIT / END (hand ``event`` over; END: done), RESUME, SKIP
+    event: Event | None = None
+    resend: tuple[captions_pb2.StreamCaptionsRequest, ...] = ()
+
+
+def next_step(state: StreamState, resp: captions_pb2.StreamCaptionsResponse) -> Step:
+    kind = resp.WhichOneof("response")
+    if kind == "started":
+        again = state.on_started(resp.started)
+        if state.finalize_requested:  # asked for before the call broke: ask again
+            again.append(finalize_request())
+        return Step(STARTED, resend=tuple(again))
+    if kind in ("caption", "alert"):
+        event = resp.caption if kind == "caption" else resp.alert
+        return Step(EMIT, event) if state.on_event(event) else Step(SKIP)
+    if kind == "error":
+        return Step(EMIT, resp.error)
+    if kind == "ended":
+        if resp.ended.reason == captions_pb2.SessionEnded.SERVER_SHUTDOWN:
+            return Step(RESUME)  # resumable through another gateway
+        return Step(END, resp.ended)
+    return Step(SKIP)
+
+
+def resume_state(
+    limits: ClientLimits,
+    session_id: str,
+    resume_secret: str,
+    last_event_id: str,
+    config: captions_pb2.SessionConfig | None,
+) -> StreamState:
+    """The state of a stream that attaches to an existing session."""
+    return StreamState(
+        config or captions_pb2.SessionConfig(), limits, session_id, resume_secret, last_event_id
+    )
+
+
+class StreamView:
+    """What both stream classes tell about their session."""
+
+    state: StreamState
+
+    @property
+    def session_id(self) -> str:
+        return self.state.session_id
+
+    @property
+    def resume_secret(self) -> str:
+        return self.state.resume_secret
+
+    @property
+    def last_event_id(self) -> str:
+        return self.state.last_event_id
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -25,18 +25,23 @@ from typing import Any
 import grpc
 
 from services.client.core import (
+    EMIT,
+    END,
+    RESUME,
+    STARTED,
     Backpressure,
     ClientLimits,
     Event,
     Reconnects,
     StreamFailed,
     StreamState,
+    StreamView,
     close_request,
-    finalize_request,
     keep_alive_request,
     metadata,
+    next_step,
+    resume_state,
     session_config,
-    unwrap,
 )
 from services.errors import FailedPrecondition
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
@@ -81,9 +86,7 @@ class CaptionClient:
     ) -> LiveStream:
         """Attach to an existing session (e.g. one started by a process that has since died);
         ``config`` gives the audio format when it is not 16 kHz mono LINEAR16."""
-        state = StreamState(
-            config or captions_pb2.SessionConfig(), self.limits, session_id, resume_secret, last_event_id
-        )
+        state = resume_state(self.limits, session_id, resume_secret, last_event_id, config)
         return LiveStream(self, state)
 
     def caption(self, audio: bytes, prompt: str = "", timeout: float = 60.0) -> captions_pb2.CaptionResponse:
@@ -102,7 +105,7 @@ class CaptionClient:
         self.close()
 
 
-class LiveStream:
+class LiveStream(StreamView):
     """One live session: ``send`` audio from any thread, iterate events in another."""
 
     def __init__(self, client: CaptionClient, state: StreamState) -> None:
@@ -122,18 +125,6 @@ class LiveStream:
         self._thread.start()
 
     # --- the application's side -----------------------------------------------------------------
-
-    @property
-    def session_id(self) -> str:
-        return self.state.session_id
-
-    @property
-    def resume_secret(self) -> str:
-        return self.state.resume_secret
-
-    @property
-    def last_event_id(self) -> str:
-        return self.state.last_event_id
 
     def wait_started(self, timeout: float = 30.0) -> captions_pb2.SessionStarted:
         """Block until the server opened (or resumed) the session."""
@@ -268,8 +259,7 @@ class LiveStream:
                 except queue.Empty:
                     continue
                 if item is _END:
-                    self.state.finalize_requested = True
-                    yield finalize_request()
+                    yield self.state.finalize()
                 elif isinstance(item, bytes):
                     yield self.state.number(item)
                 else:
@@ -282,28 +272,19 @@ class LiveStream:
             self._call = call
         try:
             for resp in call:
-                kind, msg = unwrap(resp)
-                if kind == "started":
-                    assert isinstance(msg, captions_pb2.SessionStarted)
-                    for r in self.state.on_started(msg):
+                step = next_step(self.state, resp)
+                if step.action == STARTED:
+                    for r in step.resend:
                         resend.put(r)
-                    if self.state.finalize_requested:
-                        resend.put(finalize_request())
                     ready.set()
                     self._answered = True
                     self._started.set()
-                elif kind in ("caption", "alert"):
-                    assert isinstance(msg, captions_pb2.CaptionEvent | captions_pb2.AlertEvent)
-                    if self.state.on_event(msg):
-                        self._emit(msg)
-                elif kind == "error":
-                    self._emit(msg)
-                elif kind == "ended":
-                    assert isinstance(msg, captions_pb2.SessionEnded)
-                    if msg.reason == captions_pb2.SessionEnded.SERVER_SHUTDOWN:
-                        return False  # resumable elsewhere
-                    self._emit(msg)
-                    return True
+                elif step.action in (EMIT, END):
+                    self._emit(step.event)
+                    if step.action == END:
+                        return True
+                elif step.action == RESUME:
+                    return False
             return self._closed.is_set()  # the call ended without SessionEnded
         finally:
             attempt_over.set()
