@@ -206,6 +206,17 @@ def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
     return kw
 
 
+class SentinelRedis(redis.Redis):
+    """The client of a Sentinel-managed primary: ``close()`` also closes its Sentinel connections
+    (redis-py leaves them open, and they would leak one socket per Sentinel per client)."""
+
+    def close(self) -> None:
+        super().close()
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", []):
+            sentinel.close()
+
+
 @dataclass(frozen=True)
 class _Flavour:
     """The classes of one redis-py flavour (blocking or asyncio)."""
@@ -215,9 +226,10 @@ class _Flavour:
     cluster: Any
     node: Any
     retry: Any
+    sentinel_client: Any
 
 
-_BLOCKING = _Flavour(redis.Redis, Sentinel, RedisCluster, ClusterNode, Retry)
+_BLOCKING = _Flavour(redis.Redis, Sentinel, RedisCluster, ClusterNode, Retry, SentinelRedis)
 
 
 def _asyncio_flavour() -> _Flavour:
@@ -226,12 +238,22 @@ def _asyncio_flavour() -> _Flavour:
     import redis.asyncio.retry
     import redis.asyncio.sentinel
 
+    class AsyncSentinelRedis(redis.asyncio.Redis):
+        """Like :class:`SentinelRedis`: ``aclose()`` also closes the Sentinel connections."""
+
+        async def aclose(self, close_connection_pool: bool | None = None) -> None:
+            await super().aclose(close_connection_pool)
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", []):
+                await sentinel.aclose()
+
     return _Flavour(
         redis.asyncio.Redis,
         redis.asyncio.sentinel.Sentinel,
         redis.asyncio.cluster.RedisCluster,
         redis.asyncio.cluster.ClusterNode,
         redis.asyncio.retry.Retry,
+        AsyncSentinelRedis,
     )
 
 
@@ -252,6 +274,7 @@ def _build(url: str, flavour: _Flavour, common: dict[str, Any]) -> Any:
         sentinel = flavour.sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
         client = sentinel.master_for(
             target.service,
+            redis_class=flavour.sentinel_client,
             db=target.db,
             username=target.username,
             password=target.password,
