@@ -3,6 +3,7 @@ must name the tone, then follow the change to noise; the monitoring view must sh
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def test_microphone_to_live_captions_in_chromium(
     tmp_path: Path,
 ) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
     wav = tmp_path / "tone_then_noise.wav"
     write_wav(wav)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -84,14 +86,14 @@ def test_microphone_to_live_captions_in_chromium(
             start = page.get_by_test_id("start-mic")
             start.focus()
             page.keyboard.press("Enter")  # keyboard-usable: a real button
-            page.wait_for_function(
-                "document.querySelector('[data-testid=state]').textContent === 'live'", timeout=20_000
-            )
+            # Locator assertions, never string predicates: the page's CSP (script-src 'self') forbids
+            # the eval that a string given to wait_for_function needs.
+            expect(page.get_by_test_id("state")).to_have_text("live", timeout=20_000)
             sid = page.get_by_test_id("session-id").inner_text()
             assert sid
 
             tone = wait_caption(page, lambda t: "high_tone" in t, 25, "the high tone")
-            page.wait_for_function("document.getElementById('level').dataset.engine", timeout=10_000)
+            expect(page.locator("#level")).to_have_attribute("data-engine", re.compile(".+"), timeout=10_000)
             engine = page.evaluate("document.getElementById('level').dataset.engine")
             level = page.evaluate("document.getElementById('level').value")
             assert engine == "running" and level > -60, (
@@ -109,24 +111,14 @@ def test_microphone_to_live_captions_in_chromium(
             monitor.goto(f"{stack.base}/monitor")
             card = monitor.locator(f'[data-testid="session-card"][data-session="{sid}"]')
             card.wait_for(timeout=10_000)
-            monitor.wait_for_function(
-                "sid => { const c = document.querySelector(`[data-session='${sid}'] [data-testid=card-age]`);"
-                " return c && / ago$/.test(c.textContent); }",
-                arg=sid,
-                timeout=10_000,
-            )
+            expect(card.get_by_test_id("card-age")).to_have_text(re.compile(" ago$"), timeout=10_000)
             assert card.get_by_test_id("card-caption").inner_text().strip()
             monitor.close()
 
-            page.wait_for_function(
-                "document.querySelectorAll('[data-testid=history] li').length > 0", timeout=20_000
-            )
+            page.locator("[data-testid=history] li").first.wait_for(timeout=20_000)
             page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
             page.get_by_test_id("stop").click()
-            page.wait_for_function(
-                "['ended', 'idle'].includes(document.querySelector('[data-testid=state]').textContent)",
-                timeout=15_000,
-            )
+            expect(page.get_by_test_id("state")).to_have_text(re.compile("^(ended|idle)$"), timeout=15_000)
             history = page.get_by_test_id("history").inner_text()
             assert "[00:00–00:04]" in history, history
             assert not [c for c in console if c.startswith("error")], console

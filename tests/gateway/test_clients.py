@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,44 +81,53 @@ def test_watch_a_file_prints_captions_and_shows_on_the_monitor(stack: Stack, tmp
     assert sid in seen  # the monitoring view listed the watched source while it played
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.slow
-def test_ten_peers_for_a_minute(stack: Stack) -> None:  # noqa: F811
+def _ten_peers(base: str, stack_pid: int) -> tuple[list[list[dict[str, Any]]], list[float]]:
+    """Ten aiortc peers for a minute, in a process of their own (as browsers are): the messages
+    each received and the stack process's RSS every 5 s. Sharing the stack's interpreter, the
+    peers' Opus encoding and the stack's threads starve both event loops of the GIL until ICE
+    consent checks (one try, 0.5 s) time out on a two-core machine."""
     audio = sounds(("high_tone", 6.0), ("pink_noise", 6.0), seed=11)
 
-    async def run() -> tuple[list[Client], list[float]]:
-        clients = [Client(stack.base, SoundTrack(audio)) for _ in range(10)]
+    async def run() -> tuple[list[list[dict[str, Any]]], list[float]]:
+        clients = [Client(base, SoundTrack(audio)) for _ in range(10)]
         try:
             await asyncio.gather(*(c.connect({"window_seconds": 6, "hop_seconds": 2}) for c in clients))
             rss = []
             for _ in range(12):  # a sample every 5 s for a minute
                 await asyncio.sleep(5)
-                rss.append(_rss_mib())
+                rss.append(_rss_mib(stack_pid))
             for i, c in enumerate(clients):
                 assert c.channel.readyState == "open", (
                     f"peer {i}'s data channel closed before the minute was over; it got {c.messages[-5:]}"
                 )
                 c.channel.send(json.dumps({"type": "stop"}))
             await asyncio.gather(*(c.wait_for(lambda m: m["type"] == "ended", 60, "end") for c in clients))
-            return clients, rss
+            return [c.messages for c in clients], rss
         finally:  # closed whatever happened, so that a failure here does not leak into later tests
             for c in clients:
                 await c.pc.close()
 
+    return asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_ten_peers_for_a_minute(stack: Stack) -> None:  # noqa: F811
     t0 = time.monotonic()
-    clients, rss = asyncio.run(run())
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        messages, rss = pool.submit(_ten_peers, stack.base, os.getpid()).result(timeout=240)
     assert time.monotonic() - t0 >= 60
-    for c in clients:
-        finals = [m for m in c.messages if m["type"] == "caption" and m.get("is_final")]
+    for got in messages:
+        finals = [m for m in got if m["type"] == "caption" and m.get("is_final")]
         texts = [m["text"] for m in finals]
-        received = next(m for m in c.messages if m["type"] == "ended")["audio_seconds"]
-        # Real-time senders share this process with the whole stack: how much of the minute arrives
+        received = next(m for m in got if m["type"] == "ended")["audio_seconds"]
+        # Real-time senders share two cores with the whole stack: how much of the minute arrives
         # depends on load (about 58 s on two idle cores, 37 s measured with one core taken)...
         assert received >= 30, (received, texts)
         # ...and every 6 s segment of what arrived has its final caption, in order, none lost.
