@@ -10,7 +10,9 @@ from it: a DNS-rebinding page or a cross-site form gets 421/403. Offers must be
 ``application/json`` (415). Errors are JSON ``{"error"}``.
 
 Routes: ``GET /``, ``GET /monitor``, ``GET /static/...``, ``GET /healthz``, ``GET /api/config``,
-``POST /api/webrtc/offer``, ``GET /api/sessions``, ``GET /api/sessions/{sid}/captions.vtt|json``.
+``POST /api/webrtc/offer``, ``GET /api/sessions``, ``GET /api/sessions/{sid}/captions.vtt|json``,
+and the monitoring API of :mod:`services.gateway.monitor_api` (rules, alerts, clips, history, a
+session's questions).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import ssl
 import threading
 import time
@@ -40,13 +43,20 @@ from services.errors import (
     Unavailable,
 )
 from services.gateway.live import CREATED_FIELD, TENANT_FIELD, LiveGateway, is_session_id
+from services.gateway.monitor_api import MonitorApi, alerts_by_stream
 from services.gateway.webrtc import WebRtcIngest, WebRtcLimits, ice_server_json
 from services.principal import MONITOR, STREAM
 from services.security import Authenticator, Principal
 from services.transport import keys
 from services.transport.streams import entry_time
 from services.wire.events import CaptionEvent, EndEvent, Event, final_captions, from_fields
-from services.wire.settings import SessionSettings, session_to_json, settings_from_hash, settings_from_json
+from services.wire.settings import (
+    SessionSettings,
+    questions_to_json,
+    session_to_json,
+    settings_from_hash,
+    settings_from_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,9 @@ STATIC_DIR = Path(__file__).with_name("static")
 MAX_LISTED_SESSIONS = 200  # /api/sessions shows at most this many active sessions
 RECENT_SECONDS = 60.0  # ended sessions stay on the monitoring view this long
 LATEST_SCAN = 50  # newest caption-stream entries read per session to find its latest caption
+OPEN_ALERT_SECONDS = 300.0  # a session's alerts of this long ago count as open on the monitoring view
+OPEN_ALERTS_SCAN = 1000  # newest alerts read per tenant for those counts
+LEVEL_STALE_SECONDS = 10.0  # a published audio level older than this is unknown
 MAX_OFFER_BYTES = 256 * 1024
 SECRET_HEADER = "X-Resume-Secret"  # a session's resume secret, for its downloads
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -146,6 +159,9 @@ class SessionReader:
             "adapter": settings.adapter,
             "window_seconds": settings.window_seconds,
             "hop_seconds": settings.hop_seconds,
+            "questions": questions_to_json(settings.questions),
+            "level_dbfs": None,  # filled by sessions() from the tenant's levels
+            "open_alerts": 0,
             "latest": latest,
             "latest_final": latest_final,
             "ended": None if ended is None else {"reason": ended.reason.value},
@@ -176,18 +192,57 @@ class SessionReader:
             pipe.xrevrange(keys.session_captions(sid), "+", "-", count=LATEST_SCAN)
         res = pipe.execute()
         out = []
+        tenants: dict[str, str] = {}  # sid -> tenant
         for i, sid in enumerate(ids):
             config, entries = _decode(res[2 * i]), res[2 * i + 1]
             if not config and not entries:
                 continue  # expired
             if not principal.is_admin and config.get(TENANT_FIELD, "") != principal.tenant:
                 continue  # someone else's
+            tenants[sid] = config.get(TENANT_FIELD, "")
             out.append(self.summary(sid, config, entries, now, active=i < len(active)))
+        self._add_monitoring(out, tenants, now)
         return {
             "now": now,
             "sessions": [s for s in out if s["active"]],
             "recent": [s for s in out if not s["active"]],
         }
+
+    def _add_monitoring(self, out: list[dict[str, Any]], tenants: dict[str, str], now: float) -> None:
+        """Each listed session's audio level and its alerts of the last minutes: one pipelined read
+        of each tenant's levels hash and newest alerts."""
+        names = sorted({t for t in tenants.values() if t == "" or keys.monitor_name_ok(t)})
+        if not names:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        since_ms = int((now - OPEN_ALERT_SECONDS) * 1000)
+        for tenant in names:
+            pipe.hgetall(keys.monitor_levels(tenant))
+            pipe.xrevrange(keys.monitor_alerts(tenant), "+", str(since_ms), count=OPEN_ALERTS_SCAN)
+        res = pipe.execute()
+        levels: dict[str, dict[str, str]] = {}
+        alerts: dict[str, dict[str, int]] = {}
+        for i, tenant in enumerate(names):
+            levels[tenant] = _decode(res[2 * i])
+            alerts[tenant] = alerts_by_stream(res[2 * i + 1])
+        for s in out:
+            tenant = tenants.get(s["id"], "")
+            s["level_dbfs"] = _level(levels.get(tenant, {}).get(s["id"]), now)
+            s["open_alerts"] = alerts.get(tenant, {}).get(s["id"], 0)
+
+
+def _level(value: str | None, now: float) -> float | None:
+    """A levels hash value ("dBFS unix_s") -> dBFS; None when absent, stale, or without audio."""
+    if not value:
+        return None
+    level, _, at = value.partition(" ")
+    try:
+        dbfs, when = float(level), float(at)
+    except ValueError:
+        return None
+    if not math.isfinite(dbfs) or now - when > LEVEL_STALE_SECONDS:
+        return None
+    return dbfs
 
 
 class HttpApp:
@@ -199,12 +254,14 @@ class HttpApp:
         ingest: WebRtcIngest,
         auth: Authenticator | None = None,
         allowed_hosts: frozenset[str] = frozenset(),
+        redis_url: str = "",
     ) -> None:
         self.gateway = gateway
         self.ingest = ingest
         self.auth = auth or Authenticator()
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
         self.reader = SessionReader(gateway, ingest)
+        self.monitor_api = MonitorApi(gateway, redis_url, lambda request: request[PRINCIPAL])
 
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self.guard, self.errors], client_max_size=MAX_OFFER_BYTES)
@@ -217,6 +274,7 @@ class HttpApp:
         app.router.add_get("/api/sessions", self.sessions)
         app.router.add_get("/api/sessions/{sid}/captions.vtt", self.captions_vtt)
         app.router.add_get("/api/sessions/{sid}/captions.json", self.captions_json)
+        self.monitor_api.mount(app)
         return app
 
     def _host_allowed(self, value: str) -> bool:
@@ -427,10 +485,12 @@ def start_http(
     limits: WebRtcLimits | None = None,
     tls: tuple[str, str] | None = None,
     allowed_hosts: Sequence[str] = (),
+    redis_url: str = "",
 ) -> HttpServer:
     """Start the web server on its own loop and thread; returns once it listens. ``tls``
     (certificate, key): HTTPS. ``allowed_hosts``: Host names it answers to beside loopback
-    (and the address it listens on)."""
+    (and the address it listens on). ``redis_url``: for the monitoring API's stores (default:
+    the gateway's monitor's; without either those routes answer 503)."""
     ssl_context = None
     if tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -444,7 +504,7 @@ def start_http(
         asyncio.set_event_loop(loop)
         try:
             ingest = WebRtcIngest(gateway, ice_servers or (), limits)
-            runner = web.AppRunner(HttpApp(gateway, ingest, auth, names).build(), access_log=None)
+            runner = web.AppRunner(HttpApp(gateway, ingest, auth, names, redis_url).build(), access_log=None)
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             loop.run_until_complete(site.start())

@@ -129,6 +129,7 @@ def start_gateway(
                 limits=webrtc_limits,
                 tls=http_tls,
                 allowed_hosts=http_allowed_hosts,
+                redis_url=redis_url,
             )
         except BaseException:
             srv.stop()

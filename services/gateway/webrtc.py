@@ -4,7 +4,9 @@ One :class:`Peer` per ``RTCPeerConnection``. Its audio track is always drained (
 aiortc track queues decoded frames without bound), resampled once to 16 kHz mono float32, kept
 in a bounded buffer (oldest audio dropped and counted when the encoder falls behind) and fed to
 the session in ~160 ms chunks from a thread (``LiveSession.feed`` blocks on gRPC). Caption events
-are read from Redis and sent as JSON on the "captions" data channel the client opens.
+are read from Redis and sent as JSON on the "captions" data channel the client opens (captions,
+answers to the session's questions, alerts); the client may change the session's questions on it
+(``{"type": "questions", "questions": [...]}``).
 
 A peer ends gracefully (finalize, relay the last caption and "ended", then close) when the client
 sends ``{"type": "stop"}``, when its track ends, or when no audio frame arrived for
@@ -35,11 +37,11 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from services import metrics
 from services.constants import SAMPLE_RATE
-from services.errors import InvalidArgument, MidashengError, ResourceExhausted
+from services.errors import FailedPrecondition, InvalidArgument, MidashengError, ResourceExhausted
 from services.gateway.live import LiveGateway, LiveSession, check_limits
 from services.gateway.quotas import RateLimit, Release
 from services.wire.events import EndEvent
-from services.wire.settings import StreamSettings
+from services.wire.settings import StreamSettings, questions_from_json, questions_to_json
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,8 @@ class Peer:
         self.closed = False
         self.end_reason = ""
         self.tasks: set[asyncio.Task[None]] = set()
-        self._pending_interim: dict[str, Any] | None = None
+        # The newest held-back interim per question id ("" = the caption), in the order they came.
+        self._pending_interims: dict[str, dict[str, Any]] = {}
         self.release_quota: Release = lambda: None  # the stream slot of its tenant and address
 
     @property
@@ -250,29 +253,34 @@ class Peer:
         ch.send(json.dumps(msg, separators=(",", ":")))
 
     def deliver(self, msg: dict[str, Any]) -> None:
-        """Send one event; interim captions wait (newest wins) while the channel is backed up."""
+        """Send one event; while the channel is backed up, interim captions and interim answers
+        wait, the newest of each question (and of the caption) winning. Finals, alerts and the
+        rest always go out."""
         ch = self.channel
         backed_up = ch is not None and ch.bufferedAmount > self.ingest.limits.high_water_bytes
-        if msg["type"] == "caption" and not msg["is_final"]:
-            if backed_up:
-                self._pending_interim = msg
-                return
-            self._pending_interim = None
-        elif msg["type"] == "caption":
-            p = self._pending_interim
-            if p is not None and p["segment_id"] <= msg["segment_id"]:
-                self._pending_interim = None  # superseded by this final
+        if msg["type"] == "caption":
+            key = msg.get("question_id") or ""
+            if not msg["is_final"]:
+                self._pending_interims.pop(key, None)
+                if backed_up:
+                    self._pending_interims[key] = msg
+                    return
+            else:
+                p = self._pending_interims.get(key)
+                if p is not None and p["segment_id"] <= msg["segment_id"]:
+                    del self._pending_interims[key]  # superseded by this final
         self.send(msg)
 
     def flush_pending(self) -> None:
         ch = self.channel
         if (
-            self._pending_interim
+            self._pending_interims
             and ch is not None
             and ch.bufferedAmount <= self.ingest.limits.high_water_bytes
         ):
-            msg, self._pending_interim = self._pending_interim, None
-            self.send(msg)
+            held, self._pending_interims = self._pending_interims, {}
+            for msg in held.values():
+                self.send(msg)
 
     async def relay(self) -> None:
         """Caption events from Redis to the data channel, until the session's end event."""
@@ -327,15 +335,40 @@ class Peer:
             self.spawn(self.end("end_of_stream"), "end")
         elif isinstance(msg, dict) and msg.get("type") == "ping":
             self.send({"type": "pong"})
+        elif isinstance(msg, dict) and msg.get("type") == "questions":
+            self.spawn(self.set_questions(msg.get("questions")), "questions")
         else:
             self.send(
                 {
                     "type": "error",
-                    "message": 'unknown message; send {"type": "stop"} to end the stream',
+                    "message": 'unknown message; send {"type": "stop"} to end the stream, or '
+                    '{"type": "questions", "questions": [...]} to change its questions',
                     "reason": "protocol",
                     "fatal": False,
                 }
             )
+
+    async def set_questions(self, value: object) -> None:
+        """The client's new questions for its session: answered with the questions now asked, or
+        a (non-fatal) error."""
+        session = self.session
+        try:
+            if value is None:
+                raise InvalidArgument(
+                    'a questions message needs "questions": [{"id": "...", "text": "..."}, ...] '
+                    "(an empty list clears them)"
+                )
+            questions = questions_from_json(value)
+            if session is None or self.stopping or self.closed:
+                raise FailedPrecondition("the session is ending; its questions can no longer change")
+            await asyncio.get_running_loop().run_in_executor(
+                self.ingest.pool, session.gateway.set_questions, session, questions
+            )
+        except MidashengError as e:
+            self.send({"type": "error", "message": str(e), "reason": "questions", "fatal": False})
+            return
+        log.info("session %s: questions now %s", self.sid, ", ".join(q.id for q in questions) or "none")
+        self.send({"type": "questions", "questions": questions_to_json(questions)})
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def watchdog(self) -> None:
@@ -503,6 +536,7 @@ class WebRtcIngest:
                             "hop_seconds": s.hop_seconds,
                             "adapter": s.adapter,
                             "interim_results": s.interim_results,
+                            "questions": questions_to_json(s.questions),
                         },
                     }
                 )
