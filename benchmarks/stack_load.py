@@ -267,6 +267,7 @@ def run(code: Path, streams: int, seconds: int, label: str) -> dict[str, Any]:
         OMP_NUM_THREADS="1",
         MIDASHENG_LM_MAX_SESSIONS="512",
         MIDASHENG_GATEWAY_MAX_SESSIONS="1024",
+        MIDASHENG_GATEWAY_MAX_STREAMS_PER_ADDRESS="0",  # every stream comes from one client address
     )
     stack = Stack(code, env)
     stack.start()
