@@ -4,7 +4,7 @@ demo model), optionally under a flood of bad requests. Not run in CI.
 Every stream sends 100 ms LINEAR16 chunks of a synthetic scene in real time (1 s hop, 10 s window,
 interim results), finalizes after ``--stream-seconds`` and starts a new session, until the end.
 Every ``--sample-seconds`` the RSS of every process and Redis's used memory are recorded: they
-must stay flat. With ``--flood`` four more threads send bad requests as fast as they are answered
+must stay flat. With ``--flood`` three more threads send bad requests as fast as they are answered
 (invalid configs, garbage and bomb-like offline audio, special-token prompts, hijack attempts with
 wrong secrets, cross-site and mistyped HTTP offers) and count the answers by status.
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import platform
 import statistics
 import sys
 import threading
@@ -222,6 +224,8 @@ def main() -> int:
                 t.join(timeout=200)
             stack.stop()
     names = list(rows[0][1])
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; demo model, CPU")
     print(
         f"{args.streams} streams for {args.minutes:g} min{' under a flood of bad requests' if args.flood else ''}"
     )
