@@ -36,7 +36,7 @@ from lm_service.engines.base import CaptionRequest  # noqa: E402
 from lm_service.engines.batched import BatchedEngine  # noqa: E402
 from lm_service.engines.limits import EngineLimits  # noqa: E402
 from services.constants import SAMPLE_RATE  # noqa: E402
-from services.model.checkpoint import build_model  # noqa: E402
+from services.model.checkpoint import random_model  # noqa: E402
 from services.model.config import MiDashengLMConfig, real_7b_config, tiny_config  # noqa: E402
 from services.model.generation import GenerationOptions  # noqa: E402
 from services.model.loading import LoadedModel  # noqa: E402
@@ -64,20 +64,6 @@ def stand_in_processor(cfg: MiDashengLMConfig) -> MiDashengProcessor:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token=IM_END)
     fast.add_special_tokens({"additional_special_tokens": list(specials)})
     return MiDashengProcessor(fast, cfg)
-
-
-def random_model(cfg: MiDashengLMConfig, device: torch.device, dtype: torch.dtype) -> MiDashengLM:
-    model = build_model(cfg, "meta").to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        bn = model.audio_encoder.init_bn
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
-        rotary = model.decoder.model.rotary_emb
-        with torch.device(device):
-            model.decoder.model.rotary_emb = type(rotary)(config=model.decoder.config)
-    return model.to(dtype).eval()
 
 
 def sync(device: torch.device) -> None:

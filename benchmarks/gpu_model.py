@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.constants import SAMPLE_RATE
-from services.model.checkpoint import build_model  # noqa: E402
+from services.model.checkpoint import random_model  # noqa: E402
 from services.model.config import real_7b_config, tiny_config  # noqa: E402
 from services.model.modeling import CACHE_KW  # noqa: E402
 
@@ -57,17 +57,7 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = tiny_config() if args.tiny else real_7b_config()
     torch.manual_seed(0)
-    model = build_model(cfg, "meta").to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        bn = model.audio_encoder.init_bn
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
-        rotary = model.decoder.model.rotary_emb
-        with torch.device(device):
-            model.decoder.model.rotary_emb = type(rotary)(config=model.decoder.config)
-    model = model.to(dtype).eval()
+    model = random_model(cfg, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

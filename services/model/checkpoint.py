@@ -99,6 +99,24 @@ def build_model(config: MiDashengLMConfig, device: str | torch.device = "meta") 
         return MiDashengLM(config)
 
 
+def random_model(
+    config: MiDashengLMConfig, device: str | torch.device, dtype: torch.dtype = torch.float32
+) -> MiDashengLM:
+    """The model with small random weights made directly on ``device`` (no CPU copy of a 7B):
+    for benchmarks of speed and memory, where the weights' values do not matter."""
+    model = build_model(config, "meta").to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        bn = model.audio_encoder.init_bn
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+        rotary = model.decoder.model.rotary_emb  # its buffers are not parameters: made again
+        with torch.device(device):
+            model.decoder.model.rotary_emb = type(rotary)(config=model.decoder.config)
+    return model.to(dtype).eval()
+
+
 def checkpoint_state(model: MiDashengLM) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: the state dict without tied aliases (a tied ``lm_head``)."""
     tied = model.tied_keys()
