@@ -247,12 +247,15 @@ class SessionOwnership:
         self.redis.zrem(keys.ACTIVE_SESSIONS, sid)
 
     def finish(self, session: OwnedSession) -> None:
-        """The session ended: leave the active set; its keys expire after ``session_ttl_s`` (the
-        caption stream stays readable for downloads and late resumes until then)."""
+        """The session ended: leave the active set; its token stream (the bulk of its bytes,
+        needed by no one once the last caption is out) goes at once, its other keys expire after
+        ``session_ttl_s`` (the caption stream stays readable for downloads and late resumes)."""
         pipe = self.redis.pipeline(transaction=False)  # the active set and the session: two slots
         pipe.zrem(keys.ACTIVE_SESSIONS, session.sid)
+        tokens, lease = keys.session_tokens(session.sid), keys.session_lease(session.sid)
+        pipe.delete(tokens)
         for key in keys.session_keys(session.sid):
-            if key != keys.session_lease(session.sid):
+            if key not in (tokens, lease):
                 pipe.expire(key, self.defaults.session_ttl_s)
         pipe.execute()
         self.let_go(session.sid)

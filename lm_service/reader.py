@@ -27,6 +27,7 @@ from services.wire.tokens import PAYLOAD_FIELD, TokenMessage, decode_tokens
 
 log = logging.getLogger(__name__)
 GROUP = "lm"
+REPLAY_PAGE = 200  # token-stream entries read per call when rebuilding a taken-over session
 
 
 class Unfit(Exception):
@@ -115,13 +116,20 @@ class PublicationReader:
         """Rebuild a taken-over session's token buffer from the retained publications an earlier
         owner already applied (``seq <= last_seq``)."""
         sched = session.schedule
-        for _entry_id, fields in self.streams.client.xrange(session.stream, "-", "+"):
-            try:
-                _, msg = decode_tokens(fields[PAYLOAD_FIELD.encode()])
-            except (InvalidArgument, KeyError):
-                continue
-            if msg.seq <= sched.last_seq:
-                sched.ingest(msg)
+        start = "-"
+        while True:  # in pages: a long session's stream is never read in one reply
+            page = self.streams.client.xrange(session.stream, start, "+", count=REPLAY_PAGE)
+            for _entry_id, fields in page:
+                try:
+                    _, msg = decode_tokens(fields[PAYLOAD_FIELD.encode()])
+                except (InvalidArgument, KeyError):
+                    continue
+                if msg.seq <= sched.last_seq:
+                    sched.ingest(msg)
+            if len(page) < REPLAY_PAGE:
+                return
+            last = page[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))  # after it
 
 
 class _Session(Protocol):  # what the reader needs of an owned session (lm_service.ownership.OwnedSession)

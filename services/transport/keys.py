@@ -159,6 +159,7 @@ class TransportDefaults:
     tokens_maxlen: Annotated[int, "audio-token publications kept per session stream"] = 2000
     captions_maxlen: Annotated[int, "caption events kept per session stream"] = 5000
     deadletter_maxlen: Annotated[int, "entries kept in the dead-letter stream"] = 10000
+    deadletter_ttl_s: Annotated[int, "s a dead letter is kept (trimmed by age at the next one)"] = 7 * 86400
     lease_ttl_ms: Annotated[int, "ms an LM worker's session lease lasts without a heartbeat"] = 3000
     heartbeat_ms: Annotated[int, "ms between lease renewals (shorter than lease_ttl_ms)"] = 1000
     claim_min_idle_ms: Annotated[int, "ms a pending entry must idle before another consumer claims it"] = 5000

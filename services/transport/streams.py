@@ -55,12 +55,14 @@ end
 _ADD_LUA = (
     CAPPED_XADD_LUA
     + """
--- KEYS: stream, its counters; ARGV: maxlen, counter name, counters ttl, field pairs...
+-- KEYS: stream, its counters; ARGV: maxlen, counter name, counters ttl, kind, min id, field pairs...
 -- ARGV[4] = 'deadletters': also count one dead letter (the dead-letter stream's own add).
+-- ARGV[5] = an entry id: entries older than it are trimmed too (by age; '' = none).
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = capped_xadd(KEYS[1], ARGV[1], KEYS[2], ARGV[2], fields, ARGV[3])
 if ARGV[4] == 'deadletters' then redis.call('HINCRBY', KEYS[2], 'deadletters', 1) end
+if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[5]) end
 return id
 """
 )
@@ -270,7 +272,7 @@ class StreamClient:
         (``services.transport.connect``) the add is confirmed by that many replicas.
         """
         check_maxlen(maxlen)
-        args = [maxlen, counter or stream, self._counter_ttl(stream), "", *flatten_fields(fields)]
+        args = [maxlen, counter or stream, self._counter_ttl(stream), "", "", *flatten_fields(fields)]
         keys = [stream, counters_key(stream)]
         return as_text(run_script(self.client, self._add, keys, args, f"XADD {stream}"))
 
@@ -354,7 +356,9 @@ class StreamClient:
         }
         record.update({f"f:{name}": value for name, value in entry.fields.items()})
         maxlen = self.defaults.deadletter_maxlen
-        args = [maxlen, DEAD_LETTERS, 0, "deadletters", *flatten_fields(record)]
+        # Capped by count and by age: a dead letter older than deadletter_ttl_s goes.
+        oldest = f"{max(0, int((time.time() - self.defaults.deadletter_ttl_s) * 1000))}-0"
+        args = [maxlen, DEAD_LETTERS, 0, "deadletters", oldest, *flatten_fields(record)]
         keys = [DEAD_LETTERS, counters_key(DEAD_LETTERS)]
         dl_id = as_text(run_script(self.client, self._add, keys, args, f"dead letter of {stream}"))
         self.ack(stream, group, entry.id)

@@ -12,8 +12,11 @@ import pytest
 import redis
 import torch
 
+import lm_service.reader
 from lm_service.engines.base import CaptionEngine, CaptionRequest, CaptionResult
-from lm_service.schedule import CaptionSchedule
+from lm_service.ownership import OwnedSession
+from lm_service.reader import PublicationReader
+from lm_service.schedule import CaptionSchedule, ScheduleState
 from lm_service.worker import GROUP, LMWorker, WorkerLimits
 from services.transport import keys
 from services.transport.keys import TransportDefaults
@@ -128,6 +131,30 @@ def ended(client: redis.Redis) -> Callable[[], bool]:
     return lambda: any(e.get("type") == "end" for e in events(client))
 
 
+@pytest.mark.parametrize("page", [200, 3, 1])
+def test_a_new_owner_rebuilds_the_tokens_from_the_stream_in_pages(
+    client: redis.Redis, page: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay reads the token stream a page at a time (a long session's stream is never one
+    reply) and holds exactly the tokens of ingesting every applied publication in order."""
+    monkeypatch.setattr(lm_service.reader, "REPLAY_PAGE", page)
+    msgs = messages(7, 8, seed=5)
+    for m in msgs:
+        client.xadd(keys.session_tokens(SID), {PAYLOAD_FIELD: encode_tokens(SID, m)})
+    applied = 6  # the earlier owner applied seq 1..6; 7 is still to come
+    want = CaptionSchedule(SETTINGS)
+    for m in msgs[:applied]:
+        want.ingest(m)
+    got = CaptionSchedule(SETTINGS, ScheduleState(last_seq=applied))
+    session = OwnedSession(SID, got, keys.session_tokens(SID))
+    reader = PublicationReader(StreamClient(client), "w", DEFAULTS)
+    reader.replay_applied(session)
+    end = PER_PUB * applied
+    start = end - 3 * SETTINGS.window_tokens  # what the schedule retains
+    torch.testing.assert_close(got.window(max(0, start), end), want.window(max(0, start), end))
+    assert got.stream_seconds == want.stream_seconds == msgs[applied - 1].stream_seconds
+
+
 def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
     client: redis.Redis, engine: CaptionEngine
 ) -> None:
@@ -148,7 +175,7 @@ def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
     w2 = LMWorker(client, engine, worker_id="w2", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
     pub(msgs[4], msgs[5], msgs[6], msgs[6], msgs[7], msgs[8], msgs[8], msgs[9])
     run_until(w2, ended(client), "w2 to end the session")
-    assert client.xpending(keys.session_tokens(SID), GROUP)["pending"] == 0
+    assert not client.exists(keys.session_tokens(SID)), "an ended session's token stream is deleted"
     evs = events(client)
     rows = caption_rows(evs)
     assert rows == planned(msgs), rows
@@ -197,7 +224,7 @@ def test_a_zombie_worker_after_takeover_does_not_swallow_an_entry(
     pub(*msgs[2:])
     run_until(w2, ended(client), "w2 to end the session")
     assert caption_rows(events(client)) == planned(msgs)
-    assert client.xpending(keys.session_tokens(SID), GROUP)["pending"] == 0
+    assert not client.exists(keys.session_tokens(SID)), "an ended session's token stream is deleted"
 
 
 def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
@@ -237,7 +264,7 @@ def test_poison_entries_are_dead_lettered_reported_and_the_session_goes_on(
     # Everything else was captioned as if the poison had not been there, and the session ended normally.
     assert caption_rows(evs) == planned(msgs)
     assert evs[-1]["type"] == "end" and evs[-1]["reason"] == "end_of_stream"
-    assert client.xpending(keys.session_tokens(SID), GROUP)["pending"] == 0
+    assert not client.exists(keys.session_tokens(SID)), "an ended session's token stream is deleted"
 
 
 class FlakyEngine:

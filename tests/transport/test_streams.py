@@ -147,6 +147,22 @@ def test_redelivered_too_often_goes_to_dead_letters(sc: StreamClient, client: re
     assert sc.counters()["deadletters"] == 1
 
 
+def test_dead_letters_are_capped_by_age_too(client: redis.Redis) -> None:
+    """A dead letter older than deadletter_ttl_s is trimmed when the next one is written; newer
+    ones and every count stay."""
+    sc = StreamClient(client, TransportDefaults(deadletter_ttl_s=60))
+    old_ms = int((time.time() - 120) * 1000)  # two minutes old: past the 60 s
+    client.xadd(DEAD_LETTERS, {"stream": "old"}, id=f"{old_ms}-0")
+    recent_ms = int((time.time() - 30) * 1000)
+    client.xadd(DEAD_LETTERS, {"stream": "recent"}, id=f"{recent_ms}-0")
+    sc.ensure_group(STREAM, GROUP)
+    entry_id = sc.add(STREAM, {"payload": b"x"}, maxlen=10)
+    sc.dead_letter(STREAM, GROUP, Entry(STREAM, entry_id, {"payload": b"x"}), "poison", 1)
+    kept = [f[b"stream"] for _, f in client.xrange(DEAD_LETTERS)]
+    assert kept == [b"recent", STREAM.encode()]
+    assert sc.counters()["deadletters"] == 1
+
+
 def test_fail_poison_dead_letters_at_once_and_plain_fail_retries(
     sc: StreamClient, client: redis.Redis
 ) -> None:
