@@ -109,6 +109,7 @@ def random_model(
         for p in model.parameters():
             p.normal_(0, 0.02)
         bn = model.audio_encoder.init_bn
+        assert bn.running_mean is not None and bn.running_var is not None
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0)
         rotary = model.decoder.model.rotary_emb  # its buffers are not parameters: made again
