@@ -125,7 +125,14 @@ class PublicationReader:
                 except (InvalidArgument, KeyError):
                     continue
                 if msg.seq <= sched.last_seq:
-                    sched.ingest(msg)
+                    try:
+                        sched.ingest(msg)
+                    except InvalidArgument as e:
+                        # The stream's head was trimmed (tokens_maxlen): this publication keeps
+                        # tentative tokens sent in one no longer there. The next self-contained
+                        # one (the first of an encoder window) starts the buffer again; what the
+                        # open segment needs lies after it.
+                        log.info("session %s: replay skips publication %d (%s)", session.sid, msg.seq, e)
             if len(page) < REPLAY_PAGE:
                 return
             last = page[-1][0]

@@ -155,6 +155,39 @@ def test_a_new_owner_rebuilds_the_tokens_from_the_stream_in_pages(
     assert got.stream_seconds == want.stream_seconds == msgs[applied - 1].stream_seconds
 
 
+def test_replay_of_a_trimmed_stream_starts_at_the_first_self_contained_publication(
+    client: redis.Redis,
+) -> None:
+    """Publications keep tentative tokens sent earlier in their encoder window (tentative_start):
+    when the stream's head was trimmed, the first retained ones refer to tokens no longer there.
+    The new owner skips them and holds, from the next window's first publication on, exactly
+    what an owner that saw everything holds."""
+    g = torch.Generator().manual_seed(9)
+
+    def pub(seq: int, start: int, n: int, final: int, tentative_start: int = 0) -> TokenMessage:
+        return TokenMessage(
+            seq, start, torch.randn(n, 8, generator=g), final, 0.2 * seq, False, 0, 0, 0, tentative_start
+        )
+
+    msgs = [
+        pub(1, 0, 4, 0),  # window 0: tentative [0, 4)
+        pub(2, 0, 3, 0, tentative_start=2),  # keeps [0, 2) of seq 1
+        pub(3, 0, 3, 0, tentative_start=3),  # keeps [0, 3)
+        pub(4, 0, 6, 6),  # window 0 closes: finals [0, 6)
+        pub(5, 6, 2, 0),  # window 1: tentative [6, 8)
+        pub(6, 6, 2, 0, tentative_start=7),  # keeps [6, 7)
+    ]
+    full = CaptionSchedule(SETTINGS)
+    for m in msgs:
+        full.ingest(m)
+    for m in msgs[1:]:  # seq 1 was trimmed away
+        client.xadd(keys.session_tokens(SID), {PAYLOAD_FIELD: encode_tokens(SID, m)})
+    got = CaptionSchedule(SETTINGS, ScheduleState(last_seq=6))
+    reader = PublicationReader(StreamClient(client), "w", DEFAULTS)
+    reader.replay_applied(OwnedSession(SID, got, keys.session_tokens(SID)))
+    torch.testing.assert_close(got.window(0, 9), full.window(0, 9))
+
+
 def test_duplicates_and_redelivery_after_a_crash_give_each_caption_once(
     client: redis.Redis, engine: CaptionEngine
 ) -> None:
