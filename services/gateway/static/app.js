@@ -8,11 +8,19 @@ const ui = {
   error: $("error"), notice: $("notice"), liveWindow: $("live-window"), liveRevision: $("live-revision"),
   liveCaption: $("live-caption"), history: $("history"), downloads: $("downloads"),
   vtt: $("download-vtt"), json: $("download-json"), token: $("token"), settings: $("settings"),
+  questionForm: $("question-form"), questionText: $("question-text"), questions: $("questions"),
+  alerts: $("alerts"), alertsEmpty: $("alerts-empty"),
 };
 const STOP_WAIT_MS = 8000; // how long Stop waits for the last caption before closing anyway
 const ICE_WAIT_MS = 3000; // the server has no trickle ICE: send the offer once gathering completes
 
-let current = null; // {pc, dc, tracks, meter, sid, shown, stopTimer}
+const MAX_QUESTIONS = 8; // the server's limit per session
+
+let current = null; // {pc, dc, tracks, meter, sid, shown, stopTimer, questionsPending}
+let questions = []; // [{id, text}]: asked with the next offer, and live while a stream runs
+let nextQuestion = 1;
+const answers = new Map(); // question id -> the newest answer message shown
+let clipUrls = []; // blob: URLs of clips fetched with a token (revoked on reset)
 
 // ---------------------------------------------------------------------------------------------
 function setState(state, text) {
@@ -37,6 +45,13 @@ export function clock(seconds) {
   return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
 }
 const span = (a, b) => `[${clock(a)}–${clock(b)}]`;
+function el(tag, cls, text, testid) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text != null) e.textContent = text;
+  if (testid) e.setAttribute("data-testid", testid);
+  return e;
+}
 
 async function apiError(resp) {
   try {
@@ -144,6 +159,9 @@ function stopMeter(meter) {
 // --- captions ---------------------------------------------------------------------------------
 function resetCaptions() {
   ui.history.replaceChildren();
+  resetAlerts();
+  answers.clear();
+  renderQuestions();
   ui.liveCaption.textContent = "Waiting for the first caption…";
   ui.liveCaption.className = "caption interim";
   ui.liveWindow.textContent = "";
@@ -186,15 +204,24 @@ function onMessage(event) {
   if (!cur) return;
   if (msg.type === "started") {
     cur.sid = msg.session_id;
+    if (msg.config && Array.isArray(msg.config.questions) && !cur.questionsPending) setQuestions(msg.config.questions);
     ui.sessionId.textContent = msg.session_id;
     ui.sessionLabel.hidden = false;
     setDownloads(msg.session_id);
+  } else if (msg.type === "caption" && msg.question_id) {
+    showAnswer(msg); // an answer to a question: never the caption display or the history
   } else if (msg.type === "caption") {
     if (msg.is_final) addFinal(msg);
     if (!cur.shown || msg.window_end >= cur.shown.window_end) {
       cur.shown = msg;
       showLive(msg);
     }
+  } else if (msg.type === "alert") {
+    addAlert(msg);
+  } else if (msg.type === "questions") {
+    setQuestions(msg.questions); // the server's answer: the questions now asked
+  } else if (msg.type === "error" && msg.reason === "questions") {
+    showError(`The questions were not changed: ${msg.message}`);
   } else if (msg.type === "error") {
     showError(msg.message || "The server reported an error.");
   } else if (msg.type === "ended") {
@@ -229,6 +256,144 @@ for (const link of [ui.vtt, ui.json]) {
   });
 }
 
+// --- questions --------------------------------------------------------------------------------
+// Each row: the question, a remove button, and its newest answer (text, and a yes/no badge when the
+// server read the answer as one). Answers arrive as caption messages with a question_id.
+function renderQuestions() {
+  ui.questions.replaceChildren(...questions.map((q) => {
+    const li = el("li", "question", null, "question-row");
+    li.dataset.question = q.id;
+    const head = el("div", "question-head");
+    const remove = el("button", "small", "Remove", "question-remove");
+    remove.type = "button";
+    remove.setAttribute("aria-label", `Remove the question: ${q.text}`);
+    remove.addEventListener("click", () => removeQuestion(q.id));
+    head.append(el("span", "question-text", q.text, "question-label"), remove);
+    const answer = el("p", "answer", "", "answer");
+    li.append(head, answer);
+    fillAnswer(li, answers.get(q.id));
+    return li;
+  }));
+  ui.questionText.disabled = questions.length >= MAX_QUESTIONS;
+}
+
+function fillAnswer(li, msg) {
+  const p = li.querySelector("[data-testid=answer]");
+  if (!msg) {
+    p.textContent = current ? "waiting for an answer…" : "answered once a stream runs";
+    p.className = "answer pending";
+    return;
+  }
+  const parts = [el("time", "stamp", span(msg.window_start, msg.window_end))];
+  if (typeof msg.answer === "boolean") {
+    const badge = el("span", `badge ${msg.answer ? "yes" : "no"}`, msg.answer ? "yes" : "no", "answer-badge");
+    parts.push(badge);
+  }
+  parts.push(el("span", "answer-text", msg.text || "(no answer)", "answer-text"));
+  p.replaceChildren(...parts);
+  p.className = `answer ${msg.is_final ? "final" : "interim"}`;
+}
+
+function showAnswer(msg) {
+  const prev = answers.get(msg.question_id);
+  if (prev && msg.window_end < prev.window_end) return; // an older window's late answer
+  answers.set(msg.question_id, msg);
+  const li = [...ui.questions.children].find((row) => row.dataset.question === msg.question_id);
+  if (li) fillAnswer(li, msg);
+}
+
+function setQuestions(list) {
+  if (!Array.isArray(list)) return;
+  questions = list.map(({ id, text }) => ({ id, text }));
+  for (const id of [...answers.keys()]) if (!questions.some((q) => q.id === id)) answers.delete(id);
+  renderQuestions();
+}
+
+function sendQuestions() {
+  const cur = current;
+  if (!cur) return; // not streaming: the questions go with the next offer
+  if (!cur.dc || cur.dc.readyState !== "open") { cur.questionsPending = true; return; }
+  cur.questionsPending = false;
+  cur.dc.send(JSON.stringify({ type: "questions", questions: questions.map(({ id, text }) => ({ id, text })) }));
+}
+
+function addQuestion(text) {
+  if (!text) return;
+  if (questions.length >= MAX_QUESTIONS) { showError(`At most ${MAX_QUESTIONS} questions.`); return; }
+  while (questions.some((q) => q.id === `q${nextQuestion}`)) nextQuestion++;
+  questions.push({ id: `q${nextQuestion++}`, text });
+  renderQuestions();
+  sendQuestions();
+}
+
+function removeQuestion(id) {
+  questions = questions.filter((q) => q.id !== id);
+  answers.delete(id);
+  renderQuestions();
+  sendQuestions();
+  ui.questionText.focus();
+}
+
+ui.questionForm.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  showError("");
+  addQuestion(ui.questionText.value.trim());
+  ui.questionText.value = "";
+});
+
+// --- alerts -----------------------------------------------------------------------------------
+// Alerts of this stream's rules arrive on the data channel (rules are set with the monitoring API).
+// The clip is served by GET /api/alerts/{id}/clip.wav. On an open gateway the <audio> element loads
+// it directly; with an access token it is fetched with the Authorization header and played from a
+// blob: URL. The clip needs the "monitor" scope: a key that may only stream gets no clip (the
+// element then says so).
+export function clipUrl(alertId) { return `/api/alerts/${encodeURIComponent(alertId)}/clip.wav`; }
+
+function resetAlerts() {
+  ui.alerts.replaceChildren();
+  ui.alertsEmpty.hidden = false;
+  clipUrls.forEach((u) => URL.revokeObjectURL(u));
+  clipUrls = [];
+}
+
+async function loadClip(audio, alertId) {
+  const url = clipUrl(alertId);
+  if (!ui.token.value.trim()) { audio.src = url; return; }
+  try {
+    const resp = await fetch(url, { headers: authHeaders() });
+    if (!resp.ok) throw new Error(await apiError(resp));
+    const blobUrl = URL.createObjectURL(await resp.blob());
+    clipUrls.push(blobUrl);
+    audio.src = blobUrl;
+  } catch (err) {
+    audio.replaceWith(el("span", "hint", `The clip could not be loaded: ${err.message}`, "alert-clip-error"));
+  }
+}
+
+function addAlert(msg) {
+  if ([...ui.alerts.children].some((li) => li.dataset.alert === msg.alert_id)) return;
+  const li = el("li", "alert", null, "alert");
+  li.dataset.alert = msg.alert_id;
+  const head = el("p", "alert-head");
+  head.append(el("strong", "alert-rule", msg.rule_id, "alert-rule"),
+    el("time", "stamp", span(msg.window_start, msg.window_end), "alert-window"));
+  if (msg.question_id) head.append(el("span", "badge", `answer to ${msg.question_id}`));
+  li.append(head, el("p", "alert-text", msg.text || `(${msg.kind})`, "alert-text"));
+  if (msg.has_clip === false) {
+    li.append(el("p", "hint", "No audio clip was kept for this alert."));
+  } else {
+    const audio = el("audio", "clip", null, "alert-clip");
+    audio.controls = true;
+    audio.preload = "metadata";
+    audio.setAttribute("aria-label", `Audio of alert ${msg.rule_id} ${span(msg.window_start, msg.window_end)}`);
+    audio.addEventListener("error", () => { audio.title = "The clip could not be loaded."; });
+    li.append(audio);
+    loadClip(audio, msg.alert_id);
+  }
+  ui.alerts.prepend(li); // newest first
+  ui.alertsEmpty.hidden = true;
+}
+
 // --- connection -------------------------------------------------------------------------------
 function readSettings() {
   const num = (el) => (el.value === "" ? undefined : Number(el.value));
@@ -238,6 +403,7 @@ function readSettings() {
     hop_seconds: num($("hop")),
     adapter: $("adapter").value.trim(),
     interim_results: $("interim").checked,
+    questions: questions.length ? questions.map(({ id, text }) => ({ id, text })) : undefined,
   };
 }
 
@@ -277,7 +443,7 @@ async function start(kind) {
     return;
   }
   const cur = { pc: null, dc: null, tracks: stream.getTracks(), meter: startMeter(track), sid: "", shown: null,
-                stopTimer: 0 };
+                stopTimer: 0, questionsPending: false };
   current = cur;
   resetCaptions();
   ui.downloads.hidden = true;
@@ -301,6 +467,7 @@ async function start(kind) {
     const dc = pc.createDataChannel("captions", { ordered: true });
     cur.dc = dc;
     dc.addEventListener("message", onMessage);
+    dc.addEventListener("open", () => { if (cur.questionsPending) sendQuestions(); });
     pc.addTrack(track, new MediaStream([track]));
     pc.addEventListener("connectionstatechange", () => onConnectionState(cur));
     await pc.setLocalDescription(await pc.createOffer());
@@ -393,6 +560,7 @@ async function loadDefaults() {
 
 ui.token.value = sessionStorage.getItem("midasheng-token") || "";
 loadDefaults();
+renderQuestions();
 ui.startMic.addEventListener("click", () => start("mic"));
 ui.startTab.addEventListener("click", () => start("tab"));
 ui.stop.addEventListener("click", stop);
