@@ -46,6 +46,8 @@ class OwnedSession:
     config_refreshed: float = 0.0  # when its config's TTL was last renewed (monotonic)
     allow_gap: bool = False  # a poison entry was dead-lettered: the next seq gap is expected
     questions_text: bytes = b""  # its config's questions field as last read (changed live by gateways)
+    # Applied publications a replay could start from (entry id, token_start), oldest first.
+    cut_points: list[tuple[str, int]] = field(default_factory=list)
 
 
 class SessionOwnership:

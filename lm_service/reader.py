@@ -138,6 +138,22 @@ class PublicationReader:
             last = page[-1][0]
             start = "(" + (last.decode() if isinstance(last, bytes) else str(last))  # after it
 
+    def trim_applied(self, session: _Session, entry_id: str, msg: TokenMessage) -> None:
+        """Publication ``msg`` (entry ``entry_id``) was applied: drop from the token stream what
+        no owner can need again. A replay must start at a self-contained publication (one that
+        keeps no tentative tokens sent before it) at or before the first token the next captions
+        can need; everything older than the newest such publication goes (MINID, in whole
+        radix-tree nodes). The encoder's ``tokens_maxlen`` stays as a backstop."""
+        if msg.tentative_at <= msg.final_end:
+            session.cut_points.append((entry_id, msg.token_start))
+        needed = session.schedule.needed_from(msg.total_end)
+        usable = [i for i, (_, start) in enumerate(session.cut_points) if start <= needed]
+        if not usable or usable[-1] == 0:
+            return
+        cut = usable[-1]
+        self.streams.client.xtrim(session.stream, minid=session.cut_points[cut][0], approximate=True)
+        del session.cut_points[:cut]
+
 
 class _Session(Protocol):  # what the reader needs of an owned session (lm_service.ownership.OwnedSession)
     sid: str
@@ -145,3 +161,4 @@ class _Session(Protocol):  # what the reader needs of an owned session (lm_servi
     schedule: CaptionSchedule
     gap_since: float | None
     allow_gap: bool
+    cut_points: list[tuple[str, int]]

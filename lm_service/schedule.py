@@ -110,7 +110,7 @@ class CaptionSchedule:
         # arrive in bursts of a whole 10.08 s encoder window) and the last window for interims.
         w = self.settings.window_tokens
         total = msg.total_end
-        needed_from = max(0, min(self.state.segments_final * w, total - w))
+        needed_from = self.needed_from(total)
         excess = min(buf.shape[0] - RETAIN_WINDOWS * w, needed_from - self._base)
         if excess > 0:
             buf, self._base = buf[excess:], self._base + excess
@@ -118,6 +118,14 @@ class CaptionSchedule:
         self._n_final = msg.final_end
         self._n_total = total
         self.stream_seconds = msg.stream_seconds
+
+    def needed_from(self, total: int, segments_final: int | None = None) -> int:
+        """The first stream token the next captions can need once ``total`` tokens are held: the
+        open segment's first (finals arrive in bursts of a whole 10.08 s encoder window) or the
+        last window's, whichever is earlier."""
+        w = self.settings.window_tokens
+        done = self.state.segments_final if segments_final is None else segments_final
+        return max(0, min(done * w, total - w))
 
     def window(self, start: int, end: int) -> torch.Tensor:
         """Tokens [start, end) of the stream, (end - start, H)."""

@@ -366,6 +366,7 @@ class LMWorker:
         if msg.end_of_stream:
             self.ownership.finish(session)
             return False
+        self.reader.trim_applied(session, pub.entry.id, msg)
         return True
 
     def _failed(self, work: _Work, exc: Exception) -> None:

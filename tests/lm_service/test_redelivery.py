@@ -342,3 +342,80 @@ def test_an_entry_that_keeps_failing_is_dead_lettered_after_max_deliveries(
     windows = [(r[2], r[3]) for r in caption_rows(evs)]
     assert (0.0, 4.0) not in windows and (0.0, 2.0) in windows and (0.0, 6.0) in windows
     assert evs[-1]["type"] == "end"
+
+
+def encoder_like(windows: int, hidden: int, seed: int = 0) -> list[TokenMessage]:
+    """Publications shaped like the streaming encoder's, 1 s apart: four per 4 s encoder window
+    with a growing tentative tail, each keeping all but the last 2 tokens it sent before
+    (tentative_start), then the window's finals."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[TokenMessage] = []
+    for k in range(windows):
+        w0 = 20 * k
+        for j in range(1, 5):
+            end = w0 + 5 * j
+            at = w0 if j == 1 else end - 7
+            n = end - at
+            out.append(
+                TokenMessage(
+                    len(out) + 1,
+                    w0,
+                    torch.randn(n, hidden, generator=g),
+                    0,
+                    end / 5,
+                    False,
+                    0,
+                    0,
+                    0,
+                    at if j > 1 else 0,
+                )
+            )
+        out.append(TokenMessage(len(out) + 1, w0, torch.randn(20, hidden, generator=g), 20, (w0 + 20) / 5))
+    last = out[-1]
+    out[-1] = TokenMessage(last.seq, last.token_start, last.tokens, last.num_final, last.stream_seconds, True)
+    return out
+
+
+def test_applied_publications_are_trimmed_and_a_takeover_still_captions_the_same(
+    client: redis.Redis, engine: CaptionEngine
+) -> None:
+    """The owner trims the token stream to what a replay needs (so it stays a few windows long
+    however long the session), and a new owner that replays the trimmed stream writes exactly
+    the captions of an owner that never stopped."""
+    msgs = encoder_like(12, engine.hidden_size, seed=2)  # 60 publications, 48 s
+    half = 33
+
+    def publish(sid: str, part: list[TokenMessage]) -> None:
+        for m in part:
+            client.xadd(keys.session_tokens(sid), {PAYLOAD_FIELD: encode_tokens(sid, m)})
+
+    def done(sid: str) -> Callable[[], bool]:
+        return lambda: any(e.get("type") == "end" for e in events(client, sid))
+
+    def rows(sid: str) -> list[tuple[str, ...]]:
+        return [
+            (e["segment_id"], e["revision"], e["window_start"], e["window_end"], e["is_final"], e["text"])
+            for e in events(client, sid)
+            if e.get("type", "caption") == "caption"
+        ]
+
+    register(client, "whole")
+    publish("whole", msgs)
+    run_until(
+        LMWorker(client, engine, worker_id="a", defaults=DEFAULTS, limits=ONE_AT_A_TIME), done("whole"), "end"
+    )
+
+    sid = "taken-over"
+    register(client, sid)
+    publish(sid, msgs[:half])
+    w1 = LMWorker(client, engine, worker_id="w1", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
+    applied = lambda: client.hget(keys.session_state(sid), "last_seq") == str(half).encode()  # noqa: E731
+    run_until(w1, applied, "w1 to apply the first publications")
+    kept = client.xlen(keys.session_tokens(sid))
+    assert kept <= 20, f"{kept} of {half} publications still in the stream"  # ~3 windows + a radix node
+    client.delete(keys.session_lease(sid))  # w1 dies
+    w2 = LMWorker(client, engine, worker_id="w2", defaults=DEFAULTS, limits=ONE_AT_A_TIME)
+    publish(sid, msgs[half:])
+    run_until(w2, done(sid), "w2 to end the session")
+    assert rows(sid) == rows("whole") and len(rows("whole")) > 10
+    assert not [e for e in events(client, sid) if e.get("type") == "error"]
