@@ -134,6 +134,8 @@ class SessionReader:
                 continue
             msg = ev.to_json() | {"age_seconds": round(max(0.0, now - entry_time(ev.event_id)), 1)}
             audio_seconds = max(audio_seconds, ev.audio_seconds)
+            if ev.is_answer:  # the card shows the caption; answers are on the timeline
+                continue
             if latest is None:
                 latest = msg
             if ev.is_final and latest_final is None:

@@ -379,6 +379,9 @@ def test_questions_change_over_http_and_the_session_list_shows_level_questions_a
         c = wait_until(card, 10, "session card with a level and an alert")
         assert c["questions"] == [{"id": "high", "text": "Is there a high tone?"}]
         assert -120.0 <= c["level_dbfs"] <= 0.0 and c["open_alerts"] >= 1
+        # The card's caption is the caption, never an answer (each update writes both).
+        assert c["latest"] is not None and c["latest"]["question_id"] == ""
+        assert c["latest_final"] is None or c["latest_final"]["question_id"] == ""
         assert [x for x in s.json("GET", "/api/sessions", who="bob")["sessions"] if x["id"] == sid] == []
 
         # A stranger holding the secret may change them; answers to the new question follow.
