@@ -14,6 +14,7 @@ from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,7 +24,11 @@ from services.security import INSECURE, ClientCredentials, wrap_handler
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
+REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+REDIS_UNAVAILABLE = "Redis is unreachable; try again shortly"
+"""The details of UNAVAILABLE for a Redis outage (its address and error go to the log only)."""
 STATUS_FOR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    *((cls, grpc.StatusCode.UNAVAILABLE) for cls in REDIS_DOWN),  # transient: a client retries
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
@@ -55,6 +60,9 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
         code = exc.code()
         log.warning("%s: a call to another service failed: %s: %s", method, code.name, exc.details())
         context.abort(code, exc.details() or code.name)
+    if isinstance(exc, REDIS_DOWN):
+        log.warning("%s: Redis is unreachable: %s", method, exc)
+        context.abort(grpc.StatusCode.UNAVAILABLE, REDIS_UNAVAILABLE)
     code = status_for(exc)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:

@@ -129,6 +129,8 @@ def encoder_error(e: grpc.RpcError, sid: str, target: str) -> MidashengError:
         retry_ms = trailers.get(rpc.RETRY_AFTER_MS)
         return ResourceExhausted(details, retry_after=int(retry_ms) / 1000 if retry_ms else None)
     log.warning("encoder service at %s failed for session %s: %s: %s", target, sid, code.name, details)
+    if code is grpc.StatusCode.UNAVAILABLE and details == rpc.REDIS_UNAVAILABLE:
+        return Unavailable("the encoder service cannot reach Redis")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unavailable(f"the encoder service did not answer ({code.name})")
     return Unavailable(f"the encoder service failed ({code.name}); see the gateway log")
