@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import pytest
 
 from encoder_service.server import EncoderServer, start_encoder_server
@@ -23,7 +22,7 @@ from lm_service.engines.base import CaptionEngine
 from lm_service.server import LMServer, start_lm_server
 from services.gateway.server import GatewayServer, start_gateway
 from services.model.modeling import MiDashengLM
-from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
+from services.pb.midasheng.v1 import captions_pb2_grpc
 from services.training.synth import types_in_caption
 from services.transport import keys
 from services.transport.connect import connect
@@ -34,9 +33,8 @@ from services.transport.redis_server import (
     start_private_cluster,
     start_private_sentinel,
 )
-from tests.e2e.helpers import CHUNK, Collected, audio_req, clip, config, pcm_chunks
+from tests.e2e.helpers import Collected, clip, paced
 
-SPEED = 3.0
 PARTS = [("high_tone", 10.0), ("white_noise", 10.0), ("low_tone", 10.0)]
 WAIT = "?wait_replicas=1&wait_timeout_ms=2000"
 
@@ -64,16 +62,6 @@ def start_stack(url: str, engine: CaptionEngine, encoder_model: MiDashengLM) -> 
     lm = start_lm_server(engine, url, workers=2, worker_prefix="ha")
     gw = start_gateway(url, f"127.0.0.1:{enc.port}", f"127.0.0.1:{lm.port}")
     return Stack(enc, lm, gw, grpc.insecure_channel(f"127.0.0.1:{gw.port}"))
-
-
-def paced(audio: np.ndarray) -> Iterator[captions_pb2.StreamCaptionsRequest]:
-    yield config()
-    start = time.monotonic()
-    for i, data in enumerate(pcm_chunks(audio)):
-        delay = start + i * CHUNK / 16000 / SPEED - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        yield audio_req(data, i + 1)
 
 
 def stream_and_crash(stack: Stack, crash: Callable[[str], None]) -> tuple[Collected, float]:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import re
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,6 +25,9 @@ SR = 16000
 CHUNK = 1600  # 100 ms at 16 kHz
 STREAM_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 30.0  # calls expected to fail or finish quickly
+READY_TIMEOUT_S = 120.0  # a tier process prints 'ready on port N' within this
+SPEED = 3.0  # paced audio is sent at 3x real time
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def clip(parts: Sequence[tuple[str, float]], seed: int = 0) -> np.ndarray:
@@ -168,3 +178,79 @@ def event_key(event_id: str) -> tuple[int, int]:
     """A Redis stream entry id as a sortable pair (the tests know the cursor's implementation)."""
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+class Tier:
+    """``python -m services CMD ARGS`` as a child process (its own session, so that signals reach
+    it alone); ready once it prints 'ready on port N'. stderr goes to ``log``."""
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] = {"OMP_NUM_THREADS": "1"},  # noqa: B006  (read only)
+    ) -> None:
+        self.name = name
+        self.log = log
+        self._log = log.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+        )
+        self.port = 0
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            m = re.search(r"ready on port (\d+)", line)
+            if m and not self.ready.is_set():
+                self.port = int(m.group(1))
+                self.ready.set()
+
+    def wait_ready(self) -> Tier:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.ready.wait(0.2):
+            assert self.proc.poll() is None, f"{self.name} exited: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{self.name} not ready: {self.log.read_text()[-2000:]}"
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+def paced(audio: np.ndarray, **cfg: object) -> Iterator[captions_pb2.StreamCaptionsRequest]:
+    """A session config, then ``audio`` in 100 ms chunks at ``SPEED`` times real time."""
+    yield config(**cfg)
+    start = time.monotonic()
+    for i, data in enumerate(pcm_chunks(audio)):
+        delay = start + i * CHUNK / SR / SPEED - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield audio_req(data, i + 1)

@@ -13,14 +13,10 @@ its checkpoint (tests/jobs/test_worker.py::test_killed_worker_is_taken_over_and_
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -39,75 +35,27 @@ from services.transport import keys
 from services.transport.lease import Lease
 from services.transport.redis_server import PrivateRedis, free_port, start_private_redis
 from tests.e2e.conftest import LiveStack
-from tests.e2e.helpers import CHUNK, SR, Collected, Feeder, audio_req, clip, config, pcm_chunks, remember
+from tests.e2e.helpers import (
+    CHUNK,
+    SPEED,
+    SR,
+    Collected,
+    Feeder,
+    Tier,
+    audio_req,
+    clip,
+    config,
+    paced,
+    pcm_chunks,
+    remember,
+)
 from tests.e2e.test_client_library import check_exactly_once
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 120.0
-SPEED = 3.0  # audio is sent at 3x real time
 PARTS = [("high_tone", 10.0), ("white_noise", 10.0), ("low_tone", 10.0)]
 STALL_S = 4.0  # how long the encoder stays stopped
 EVENT_BOUND_S = 30.0  # a live stream gets an event or its end within this after a fault is over
-
-
-class Tier:
-    """``python -m services CMD ARGS`` as a child process; ready once it prints 'ready on port N'."""
-
-    def __init__(self, name: str, args: Sequence[str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        self._log = log.open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            start_new_session=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
-        )
-        self.port = 0
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            m = re.search(r"ready on port (\d+)", line)
-            if m and not self.ready.is_set():
-                self.port = int(m.group(1))
-                self.ready.set()
-
-    def wait_ready(self) -> Tier:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.ready.wait(0.2):
-            assert self.proc.poll() is None, f"{self.name} exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"{self.name} not ready: {self.log.read_text()[-2000:]}"
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def signal(self, sig: signal.Signals) -> None:
-        os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 @pytest.fixture
@@ -128,16 +76,6 @@ def tiers(tmp_path: Path) -> Iterator[Callable[..., Tier]]:
 @pytest.fixture(scope="module")
 def audio() -> np.ndarray:
     return clip(PARTS, seed=11)
-
-
-def paced(audio: np.ndarray, **cfg: object) -> Iterator[captions_pb2.StreamCaptionsRequest]:
-    yield config(**cfg)
-    start = time.monotonic()
-    for i, data in enumerate(pcm_chunks(audio)):
-        delay = start + i * CHUNK / SR / SPEED - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        yield audio_req(data, i + 1)
 
 
 def check_finals(res: Collected, seconds: float) -> None:

@@ -11,87 +11,28 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 
-from services.pb.midasheng.v1 import captions_pb2
 from services.training.synth import types_in_caption
 from services.transport import keys
 from services.transport.lease import Lease
 from tests.e2e.conftest import LiveStack
-from tests.e2e.helpers import CHUNK, Collected, audio_req, clip, config, pcm_chunks
+from tests.e2e.helpers import Collected, Tier, clip, paced
 
-READY_TIMEOUT_S = 120.0
-SPEED = 3.0
 PARTS = [("high_tone", 10.0), ("white_noise", 10.0), ("low_tone", 10.0)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
-class LMProcess:
+class LMProcess(Tier):
+    """``python -m services lm`` with one live worker named ``worker_id``."""
+
     def __init__(self, worker_id: str, redis_url: str, log: Path) -> None:
         self.worker_id = worker_id
-        self.log = log
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services",
-                "lm",
-                "--listen",
-                "127.0.0.1:0",
-                "--redis-url",
-                redis_url,
-                "--workers",
-                "1",
-                "--worker-id",
-                worker_id,
-                "--device",
-                "cpu",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            start_new_session=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("lm ready"):
-                self.ready.set()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.ready.wait(0.2):
-            assert self.proc.poll() is None, f"{self.worker_id} exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"{self.worker_id} not ready: {self.log.read_text()[-2000:]}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+        args = ["lm", "--listen", "127.0.0.1:0", "--redis-url", redis_url, "--workers", "1"]
+        super().__init__(worker_id, [*args, "--worker-id", worker_id, "--device", "cpu"], log, env={})
 
 
 @pytest.fixture
@@ -104,16 +45,6 @@ def lm_processes(redis_url: str, tmp_path: Path) -> Iterator[dict[str, LMProcess
     finally:
         for p in procs.values():
             p.stop()
-
-
-def paced(audio: np.ndarray) -> Iterator[captions_pb2.StreamCaptionsRequest]:
-    yield config()
-    start = time.monotonic()
-    for i, data in enumerate(pcm_chunks(audio)):
-        delay = start + i * CHUNK / 16000 / SPEED - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        yield audio_req(data, i + 1)
 
 
 def test_sigkill_of_the_lease_holder_loses_nothing_and_shows_nothing_twice(
