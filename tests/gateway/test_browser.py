@@ -25,13 +25,27 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 pytestmark = pytest.mark.slow
 
 
-def write_wav(path: Path) -> None:
-    rng = np.random.default_rng(7)
+def write_wav(path: Path, then: str = "white_noise", seed: int = 7) -> None:
+    """PART_SECONDS of a high tone, then of ``then`` (Chromium loops the file)."""
+    rng = np.random.default_rng(seed)
     n = int(PART_SECONDS * RATE)
-    audio = np.concatenate(
-        [render_sound("high_tone", rng, n, sr=RATE), render_sound("white_noise", rng, n, sr=RATE)]
-    )
+    audio = np.concatenate([render_sound("high_tone", rng, n, sr=RATE), render_sound(then, rng, n, sr=RATE)])
     sf.write(path, audio, RATE, subtype="PCM_16")
+
+
+def chromium_args(wav: Path) -> list[str]:
+    """Headless Chromium, no network chatter, ``wav`` as the microphone (allowed without asking)."""
+    return [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+    ]
 
 
 def wait_caption(page: Any, pred: Callable[[list[str]], bool], timeout: float, what: str) -> str:
@@ -61,17 +75,7 @@ def test_microphone_to_live_captions_in_chromium(
     write_wav(wav)
     ARTIFACTS.mkdir(exist_ok=True)
     profile = tmp_path / "profile"
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-    ]
+    args = chromium_args(wav)
     with running_stack(redis_url, models) as stack, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
             str(profile), executable_path=CHROMIUM, headless=True, args=args

@@ -18,31 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import pytest
-import soundfile as sf
 
-from services.training.synth import render_sound, types_in_caption
+from services.training.synth import types_in_caption
 from tests.gateway.bidi import Firefox, Session, write_profile
-from tests.gateway.test_browser import ARTIFACTS, CHROMIUM
-from tests.gateway.test_firefox import FIREFOX, TONE_HZ
+from tests.gateway.test_browser import ARTIFACTS, CHROMIUM, chromium_args, write_wav
+from tests.gateway.test_firefox import FIREFOX, TONE_HZ, go_live, q
 from tests.gateway.test_http import http, models, running_stack  # noqa: F401  (models is a fixture)
 
-RATE = 48000  # Hz, the WAV Chromium plays as the microphone
 TONE_RULE = {"kind": "match", "pattern": "high tone", "finals_only": False}  # default 60 s cooldown
 QUESTION = "What can be heard?"
 
 pytestmark = pytest.mark.slow
-
-
-def write_wav(path: Path) -> None:
-    """A high tone, then pink noise (Chromium loops the file)."""
-    rng = np.random.default_rng(11)
-    n = int(12.0 * RATE)
-    audio = np.concatenate(
-        [render_sound("high_tone", rng, n, sr=RATE), render_sound("pink_noise", rng, n, sr=RATE)]
-    )
-    sf.write(path, audio, RATE, subtype="PCM_16")
 
 
 def put_rule(base: str) -> None:
@@ -101,19 +88,9 @@ def test_questions_alerts_and_timeline_in_chromium(
     sync_api = pytest.importorskip("playwright.sync_api")
     expect = sync_api.expect
     wav = tmp_path / "tone_then_noise.wav"
-    write_wav(wav)
+    write_wav(wav, "pink_noise", seed=11)
     profile = tmp_path / "profile"
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}",
-    ]
+    args = chromium_args(wav)
     with running_stack(redis_url, models) as stack, sync_api.sync_playwright() as pw:
         put_rule(stack.base)
         browser = pw.chromium.launch_persistent_context(
@@ -215,10 +192,6 @@ def test_questions_alerts_and_timeline_in_chromium(
 # --- Firefox --------------------------------------------------------------------------------------
 
 
-def q(testid: str) -> str:
-    return f"document.querySelector('[data-testid={testid}]')"
-
-
 CLIP_JS = (
     "(() => {{ const a = document.querySelector({sel}); "
     "return a && a.readyState >= 1 && Number.isFinite(a.duration) && a.duration > 0 ? a.duration : 0; }})()"
@@ -231,17 +204,7 @@ async def drive_firefox(bidi_url: str, base: str) -> tuple[str, float]:
         await s.cmd("session.new", {"capabilities": {}})
         await s.cmd("session.subscribe", {"events": ["log.entryAdded"]})
         ctx = (await s.cmd("browsingContext.getTree"))["contexts"][0]["context"]
-        await s.navigate(ctx, f"{base}/")
-        await s.eval(
-            ctx,
-            "for (const [id, v] of [['window', '4'], ['hop', '1']]) {"
-            " const el = document.getElementById(id); el.value = v;"
-            " el.dispatchEvent(new Event('change', {bubbles: true})); }",
-        )
-        await s.eval(ctx, f"{q('start-mic')}.click()", user_activation=True)
-        await s.wait_for(ctx, f"{q('state')}.textContent === 'live'", 20, "the page going live")
-        sid = str(await s.eval(ctx, f"{q('session-id')}.textContent"))
-        assert sid
+        sid = await go_live(s, ctx, base)
         # A question added while the stream runs goes over the data channel.
         await s.eval(
             ctx,

@@ -43,24 +43,31 @@ async def wait_caption(s: Session, ctx: str, want: str, timeout: float) -> str:
     )
 
 
+async def go_live(s: Session, ctx: str, base: str) -> str:
+    """Open the page, set a 4 s window and a 1 s hop, press Start (as a user) and wait for the
+    page to go live; returns the session id."""
+    await s.navigate(ctx, f"{base}/")
+    await s.eval(
+        ctx,
+        "for (const [id, v] of [['window', '4'], ['hop', '1']]) {"
+        " const el = document.getElementById(id); el.value = v;"
+        " el.dispatchEvent(new Event('input', {bubbles: true}));"
+        " el.dispatchEvent(new Event('change', {bubbles: true})); }",
+    )
+    await s.eval(ctx, f"{q('start-mic')}.click()", user_activation=True)
+    await s.wait_for(ctx, f"{q('state')}.textContent === 'live'", 20, "the page going live")
+    sid = str(await s.eval(ctx, f"{q('session-id')}.textContent"))
+    assert sid
+    return sid
+
+
 async def drive(bidi_url: str, base: str) -> tuple[str, str]:
     async with aiohttp.ClientSession() as http, http.ws_connect(bidi_url, max_msg_size=64 << 20) as ws:
         s = Session(ws)
         await s.cmd("session.new", {"capabilities": {}})
         await s.cmd("session.subscribe", {"events": ["log.entryAdded"]})
         ctx = (await s.cmd("browsingContext.getTree"))["contexts"][0]["context"]
-        await s.navigate(ctx, f"{base}/")
-        await s.eval(
-            ctx,
-            "for (const [id, v] of [['window', '4'], ['hop', '1']]) {"
-            " const el = document.getElementById(id); el.value = v;"
-            " el.dispatchEvent(new Event('input', {bubbles: true}));"
-            " el.dispatchEvent(new Event('change', {bubbles: true})); }",
-        )
-        await s.eval(ctx, f"{q('start-mic')}.click()", user_activation=True)
-        await s.wait_for(ctx, f"{q('state')}.textContent === 'live'", 20, "the page going live")
-        sid = str(await s.eval(ctx, f"{q('session-id')}.textContent"))
-        assert sid
+        sid = await go_live(s, ctx, base)
 
         caption = await wait_caption(s, ctx, "high_tone", 40)
         # The level meter: a reading while Web Audio runs. Firefox starts its audio engine only with an
