@@ -147,10 +147,9 @@ class PublicationReader:
         if msg.tentative_at <= msg.final_end:
             session.cut_points.append((entry_id, msg.token_start))
         needed = session.schedule.needed_from(msg.total_end)
-        usable = [i for i, (_, start) in enumerate(session.cut_points) if start <= needed]
-        if not usable or usable[-1] == 0:
+        cut = max((i for i, (_, start) in enumerate(session.cut_points) if start <= needed), default=0)
+        if cut == 0:  # nothing before the newest usable cut point, or none yet
             return
-        cut = usable[-1]
         self.streams.client.xtrim(session.stream, minid=session.cut_points[cut][0], approximate=True)
         del session.cut_points[:cut]
 

@@ -119,13 +119,12 @@ class CaptionSchedule:
         self._n_total = total
         self.stream_seconds = msg.stream_seconds
 
-    def needed_from(self, total: int, segments_final: int | None = None) -> int:
+    def needed_from(self, total: int) -> int:
         """The first stream token the next captions can need once ``total`` tokens are held: the
         open segment's first (finals arrive in bursts of a whole 10.08 s encoder window) or the
         last window's, whichever is earlier."""
         w = self.settings.window_tokens
-        done = self.state.segments_final if segments_final is None else segments_final
-        return max(0, min(done * w, total - w))
+        return max(0, min(self.state.segments_final * w, total - w))
 
     def window(self, start: int, end: int) -> torch.Tensor:
         """Tokens [start, end) of the stream, (end - start, H)."""
