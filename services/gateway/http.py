@@ -43,7 +43,7 @@ from services.errors import (
     Unavailable,
 )
 from services.gateway.live import CREATED_FIELD, TENANT_FIELD, LiveGateway, is_session_id
-from services.gateway.monitor_api import MonitorApi, alerts_by_stream
+from services.gateway.monitor_api import SECRET_HEADER, MonitorApi, alerts_by_stream, json_error
 from services.gateway.webrtc import WebRtcIngest, WebRtcLimits, ice_server_json
 from services.principal import MONITOR, STREAM
 from services.security import Authenticator, Principal
@@ -68,7 +68,6 @@ OPEN_ALERT_SECONDS = 300.0  # a session's alerts of this long ago count as open 
 OPEN_ALERTS_SCAN = 1000  # newest alerts read per tenant for those counts
 LEVEL_STALE_SECONDS = 10.0  # a published audio level older than this is unknown
 MAX_OFFER_BYTES = 256 * 1024
-SECRET_HEADER = "X-Resume-Secret"  # a session's resume secret, for its downloads
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -82,10 +81,6 @@ START_TIMEOUT_S = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PRINCIPAL = web.RequestKey("principal", Principal)  # who is calling an /api/ route
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
@@ -293,13 +288,13 @@ class HttpApp:
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Host and Origin checks (no DNS rebinding, no cross-site requests) and security headers."""
         if not self._host_allowed(request.headers.get("Host", "")):
-            return _error(421, "this server does not answer to that Host name (see --http-allowed-hosts)")
+            return json_error(421, "this server does not answer to that Host name (see --http-allowed-hosts)")
         origin = request.headers.get("Origin")
         if origin is not None and origin != "null":
             if not self._host_allowed(origin.partition("://")[2] or origin):
-                return _error(403, "cross-origin requests are not allowed")
+                return json_error(403, "cross-origin requests are not allowed")
         elif origin == "null" and request.method != "GET":
-            return _error(403, "cross-origin requests are not allowed")
+            return json_error(403, "cross-origin requests are not allowed")
         response = await handler(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
@@ -313,30 +308,30 @@ class HttpApp:
                 request[PRINCIPAL] = self._principal(request)
             return await handler(request)
         except Unauthenticated as e:
-            resp = _error(401, str(e))
+            resp = json_error(401, str(e))
             resp.headers["WWW-Authenticate"] = "Bearer"
             return resp
         except PermissionDenied as e:
-            return _error(403, str(e))
+            return json_error(403, str(e))
         except InvalidArgument as e:
-            return _error(400, str(e))
+            return json_error(400, str(e))
         except NotFound as e:
-            return _error(404, str(e))
+            return json_error(404, str(e))
         except (ResourceExhausted, Unavailable) as e:
-            resp = _error(503, str(e))
+            resp = json_error(503, str(e))
             retry_after = getattr(e, "retry_after", None)
             if retry_after is not None:
                 resp.headers["Retry-After"] = str(max(1, round(retry_after)))
             return resp
         except FailedPrecondition as e:
-            return _error(409, str(e))
+            return json_error(409, str(e))
         except web.HTTPException as e:
             if request.path.startswith("/api/") and e.status >= 400:
-                return _error(e.status, e.reason)
+                return json_error(e.status, e.reason)
             raise
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
-            return _error(500, "internal error; see the gateway log")
+            return json_error(500, "internal error; see the gateway log")
 
     @staticmethod
     def _require(request: web.Request, scope: str) -> Principal:
@@ -387,7 +382,7 @@ class HttpApp:
     async def offer(self, request: web.Request) -> web.Response:
         principal = self._require(request, STREAM)
         if request.content_type != "application/json":  # a cross-site form or text/plain POST
-            return _error(415, "the offer must be sent as Content-Type: application/json")
+            return json_error(415, "the offer must be sent as Content-Type: application/json")
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError) as e:

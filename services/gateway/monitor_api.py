@@ -50,7 +50,7 @@ from services.wire.settings import Question, questions_from_json, questions_to_j
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PrincipalOf = Callable[[web.Request], Principal]
 
-SECRET_HEADER = "X-Resume-Secret"
+SECRET_HEADER = "X-Resume-Secret"  # a session's resume secret, for its questions and downloads
 ALERTS_DEFAULT_LIMIT, ALERTS_MAX_LIMIT = 50, 500
 ALERTS_PAGE = 200  # alert stream entries read per Redis call
 ALERTS_SCAN_MAX = 10_000  # entries one /api/alerts call reads at most (the stream's cap)
@@ -59,7 +59,7 @@ HISTORY_VTT_LIMIT = hist.MAX_LIMIT  # a WebVTT export takes this many entries un
 JSON_TYPES = ("application/json",)
 
 
-def _json_error(status: int, message: str) -> web.Response:
+def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
@@ -71,7 +71,7 @@ def _too_many(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ResourceExhausted as e:
-            resp = _json_error(429, str(e))
+            resp = json_error(429, str(e))
             if e.retry_after is not None:
                 resp.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after)))
             return resp
