@@ -37,9 +37,19 @@ from services import rpc
 from services.pb.midasheng.v1 import captions_pb2, captions_pb2_grpc
 from services.training.synth import types_in_caption
 from services.transport import keys
-from tests.deploy.test_redis_ha import PARTS, SPEED, check_nothing_lost_or_twice, paced
+from tests.deploy.test_redis_ha import PARTS, check_nothing_lost_or_twice
 from tests.e2e.conftest import LiveStack
-from tests.e2e.helpers import CHUNK, Collected, audio_req, clip, config, pcm_chunks, requests_for
+from tests.e2e.helpers import (
+    CHUNK,
+    SPEED,
+    Collected,
+    audio_req,
+    clip,
+    config,
+    paced,
+    pcm_chunks,
+    requests_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 180.0

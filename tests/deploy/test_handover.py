@@ -18,9 +18,9 @@ from lm_service.server import start_lm_server
 from services.gateway.live import GatewayLimits
 from services.transport import keys
 from services.transport.lease import Lease
-from tests.deploy.test_redis_ha import PARTS, check_nothing_lost_or_twice, paced
+from tests.deploy.test_redis_ha import PARTS, check_nothing_lost_or_twice
 from tests.e2e.conftest import LiveStack
-from tests.e2e.helpers import Collected, clip, requests_for
+from tests.e2e.helpers import Collected, clip, paced, requests_for
 
 LEASE_TTL_S = 3.0  # TransportDefaults().lease_ttl_ms
 
